@@ -1,0 +1,28 @@
+# Copyright (c) berdiff contributors
+# Licensed under the Apache License, Version 2.0 (the "License").
+"""Networks: the binarizing autoencoder, size presets and the single-tensor anomaly pipeline."""
+
+from __future__ import annotations
+
+from berdiff.networks.anomaly_pipeline import PIPELINE_OUTPUT_KEYS, AnomalyPipeline
+from berdiff.networks.binary_autoencoder import BinarizationMode, BinaryAutoencoder, BinaryQuantizer
+from berdiff.networks.presets import (
+    AUTOENCODER_PRESETS,
+    DENOISER_PRESETS,
+    Preset,
+    autoencoder_from_preset,
+    denoiser_from_preset,
+)
+
+__all__ = [
+    "AnomalyPipeline",
+    "PIPELINE_OUTPUT_KEYS",
+    "BinarizationMode",
+    "BinaryAutoencoder",
+    "BinaryQuantizer",
+    "Preset",
+    "AUTOENCODER_PRESETS",
+    "DENOISER_PRESETS",
+    "autoencoder_from_preset",
+    "denoiser_from_preset",
+]

@@ -1,0 +1,124 @@
+# Copyright (c) berdiff contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+"""Single-tensor anomaly pipeline: the module bundle configs, ``SliceInferer`` and MONAI Label see."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from berdiff.inferers import FinalCode, GeneratorLike, LatentReduction, MaskedBernoulliInferer
+from berdiff.schedulers import BernoulliScheduler
+
+__all__ = ["AnomalyPipeline", "PIPELINE_OUTPUT_KEYS"]
+
+#: keys of :meth:`AnomalyPipeline.run` that ``forward`` can concatenate along the channel axis.
+PIPELINE_OUTPUT_KEYS = ("anomaly_map", "latent_flip_map", "reconstruction")
+
+
+class AnomalyPipeline(nn.Module):
+    """
+    Binary autoencoder + Bernoulli denoiser + masked inference in one ``nn.Module``. ``forward(image)`` returns the
+    anomaly map of a batch of slices; ``state_dict()`` (keys ``autoencoder.*`` and ``unet.*``) is the bundle's
+    combined ``models/model.pt``.
+
+    Args:
+        autoencoder: a :class:`~berdiff.networks.BinaryAutoencoder`.
+        unet: the denoiser (e.g. ``monai.networks.nets.DiffusionModelUNet``) returning flip logits.
+        scheduler: the training :class:`BernoulliScheduler`; a default linear one with T = 1000 when None.
+        noise_level: L.
+        prob_threshold: P.
+        num_inference_steps: K (L when None).
+        final_code: see :class:`~berdiff.inferers.FinalCode`.
+        masked: False for the unmasked ablation.
+        latent_reduction: see :class:`~berdiff.inferers.LatentReduction`.
+        output_keys: what ``forward`` returns, concatenated along channels, from :data:`PIPELINE_OUTPUT_KEYS`
+            (default: the anomaly map only, one channel).
+        seed: when not None, every ``forward`` call uses a generator seeded with it (reproducible bundle output).
+        skip_empty: samples whose image is constant (e.g. slices outside the head) are not sent through the
+            networks; their maps are zero and their reconstruction equals the input.
+    """
+
+    def __init__(
+        self,
+        autoencoder: nn.Module,
+        unet: nn.Module,
+        scheduler: BernoulliScheduler | None = None,
+        noise_level: int = 200,
+        prob_threshold: float = 0.5,
+        num_inference_steps: int | None = None,
+        final_code: str = FinalCode.BINARY,
+        masked: bool = True,
+        latent_reduction: str = LatentReduction.MEAN,
+        output_keys: Sequence[str] = ("anomaly_map",),
+        seed: int | None = 0,
+        skip_empty: bool = True,
+    ) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.unet = unet
+        self.scheduler = BernoulliScheduler() if scheduler is None else scheduler
+        self.inferer = MaskedBernoulliInferer(
+            self.scheduler,
+            noise_level=noise_level,
+            prob_threshold=prob_threshold,
+            num_inference_steps=num_inference_steps,
+            final_code=final_code,
+            masked=masked,
+            latent_reduction=latent_reduction,
+        )
+        output_keys = tuple(output_keys)
+        unknown = [k for k in output_keys if k not in PIPELINE_OUTPUT_KEYS]
+        if not output_keys or unknown:
+            raise ValueError(f"output_keys must be a non-empty subset of {PIPELINE_OUTPUT_KEYS}, got {output_keys}.")
+        self.output_keys = output_keys
+        self.seed = seed
+        self.skip_empty = skip_empty
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        return None if self.seed is None else torch.Generator(device=device).manual_seed(int(self.seed))
+
+    @torch.no_grad()
+    def run(self, image: torch.Tensor, generator: GeneratorLike = None) -> dict[str, torch.Tensor]:
+        """
+        All outputs of :class:`~berdiff.inferers.MaskedBernoulliInferer` for a batch of images in [0, 1].
+
+        Args:
+            image: (B, C, H, W) tensor.
+            generator: random generator(s); when None, one seeded with ``seed`` (if set).
+        """
+        if not torch.isfinite(image).all():
+            raise ValueError("the input image contains NaN or infinite values.")
+        if generator is None:
+            generator = self._generator(image.device)
+        flat = image.reshape(image.shape[0], -1)
+        active = (flat.amax(dim=1) > flat.amin(dim=1)) if self.skip_empty else torch.ones_like(flat[:, 0], dtype=torch.bool)
+        if bool(active.all()):
+            return self.inferer(image, self.autoencoder, self.unet, generator)
+        # constant slices (background): zero maps, identity reconstruction
+        outputs = {
+            "reconstruction": image.float().clone(),
+            "anomaly_map": torch.zeros_like(image[:, :1], dtype=torch.float32),
+            "latent_flip_map": torch.zeros_like(image[:, :1], dtype=torch.float32),
+        }
+        if bool(active.any()):
+            idx = active.nonzero().flatten()
+            if generator is not None and not isinstance(generator, torch.Generator):
+                generator = [generator[int(i)] for i in idx]
+            sub = self.inferer(image[idx], self.autoencoder, self.unet, generator)
+            for key in outputs:
+                outputs[key][idx] = sub[key]
+        return outputs
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Anomaly map (B, 1, H, W) of a batch of slices, or the channels named by ``output_keys``."""
+        outputs = self.run(image)
+        return torch.cat([outputs[k] for k in self.output_keys], dim=1)

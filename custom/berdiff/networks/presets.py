@@ -1,0 +1,132 @@
+# Copyright (c) berdiff contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+"""Named network sizes ("reference" = the paper's, "small" = CPU-trainable) selected by one config value."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from monai.networks.nets import DiffusionModelUNet
+from monai.utils import StrEnum
+
+from berdiff.networks.binary_autoencoder import BinaryAutoencoder
+
+__all__ = [
+    "Preset",
+    "AUTOENCODER_PRESETS",
+    "DENOISER_PRESETS",
+    "autoencoder_from_preset",
+    "denoiser_from_preset",
+]
+
+
+class Preset(StrEnum):
+    """
+    Network sizes.
+
+    reference: the paper's sizes (4x256x256 -> 128x32x32 code, 4.1 M AE parameters; 36,034,432 UNet parameters).
+    small: a few hundred thousand parameters, trainable on a laptop CPU in minutes.
+    tiny: unit-test size.
+    """
+
+    REFERENCE = "reference"
+    SMALL = "small"
+    TINY = "tiny"
+
+
+AUTOENCODER_PRESETS: dict[str, dict[str, Any]] = {
+    Preset.REFERENCE: {
+        "channels": (32, 64, 64, 128),
+        "latent_channels": 128,
+        "hidden_channels": 256,
+        "num_res_blocks": 2,
+        "norm_num_groups": 32,
+        "with_nonlocal_attn": True,
+    },
+    Preset.SMALL: {
+        "channels": (16, 32, 64),
+        "latent_channels": 32,
+        "hidden_channels": 64,
+        "num_res_blocks": 1,
+        "norm_num_groups": 16,
+        "with_nonlocal_attn": False,
+    },
+    Preset.TINY: {
+        "channels": (8, 8),
+        "latent_channels": 4,
+        "hidden_channels": 8,
+        "num_res_blocks": 1,
+        "norm_num_groups": 4,
+        "with_nonlocal_attn": False,
+    },
+}
+
+DENOISER_PRESETS: dict[str, dict[str, Any]] = {
+    Preset.REFERENCE: {
+        "channels": (128, 256, 256, 256),
+        "attention_levels": (False, True, False, False),
+        "num_res_blocks": 2,
+        "num_head_channels": (128, 256, 256, 256),
+        "norm_num_groups": 32,
+    },
+    Preset.SMALL: {
+        "channels": (64, 128, 128),
+        "attention_levels": (False, False, True),
+        "num_res_blocks": 1,
+        "num_head_channels": (64, 128, 128),
+        "norm_num_groups": 32,
+    },
+    Preset.TINY: {
+        "channels": (8, 8),
+        "attention_levels": (False, False),
+        "num_res_blocks": 1,
+        "num_head_channels": 8,
+        "norm_num_groups": 4,
+    },
+}
+
+
+def _preset(table: dict[str, dict[str, Any]], preset: str, what: str) -> dict[str, Any]:
+    if preset not in table:
+        raise ValueError(f"unknown {what} preset {preset!r}; choose one of {sorted(str(k) for k in table)}.")
+    return dict(table[preset])
+
+
+def autoencoder_from_preset(preset: str = "reference", in_channels: int = 1, spatial_dims: int = 2, **overrides) -> BinaryAutoencoder:
+    """
+    A :class:`BinaryAutoencoder` of a named size.
+
+    Args:
+        preset: a :class:`Preset` name.
+        in_channels: number of image channels.
+        spatial_dims: 2 or 3.
+        overrides: constructor arguments that replace the preset's.
+    """
+    kwargs = _preset(AUTOENCODER_PRESETS, preset, "autoencoder")
+    kwargs.update(overrides)
+    return BinaryAutoencoder(spatial_dims=spatial_dims, in_channels=in_channels, **kwargs)
+
+
+def denoiser_from_preset(preset: str = "reference", latent_channels: int | None = None, spatial_dims: int = 2, **overrides) -> DiffusionModelUNet:
+    """
+    A MONAI ``DiffusionModelUNet`` of a named size that maps a binary code to flip logits (no final activation).
+
+    Args:
+        preset: a :class:`Preset` name.
+        latent_channels: bits per latent position (in and out channels); the autoencoder preset's when None.
+        spatial_dims: 2 or 3.
+        overrides: constructor arguments that replace the preset's.
+    """
+    kwargs = _preset(DENOISER_PRESETS, preset, "denoiser")
+    if latent_channels is None:
+        latent_channels = AUTOENCODER_PRESETS[preset]["latent_channels"]
+    kwargs.update(overrides)
+    return DiffusionModelUNet(
+        spatial_dims=spatial_dims, in_channels=latent_channels, out_channels=latent_channels, **kwargs
+    )
