@@ -1,0 +1,45 @@
+# Copyright (c) berdiff contributors
+# Licensed under the Apache License, Version 2.0 (the "License").
+"""``python -m berdiff`` commands. A command's module is imported only when that command runs."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["COMMANDS", "main"]
+
+#: command name -> "module:function"
+COMMANDS: dict[str, str] = {
+    "prepare_brats": "berdiff.data.brats:prepare_brats",
+    "calibrate": "berdiff.calibration:calibrate",
+    "evaluate": "berdiff.evaluation:evaluate",
+    "make_demo_data": "berdiff.data.synthetic:make_demo_data",
+    "demo": "berdiff.demo:demo",
+    "make_lesions": "berdiff.data.lesions:make_lesions",
+    "benchmark": "berdiff.benchmark:benchmark",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: python -m berdiff <command> [--flag value ...]", "", "commands:"]
+    lines += [f"  {name}" for name in COMMANDS]
+    lines += ["", "python -m berdiff <command> --help shows a command's flags."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Dispatch ``argv`` (default ``sys.argv[1:]``) to the named command through ``fire``."""
+    import fire
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return
+    if argv[0] not in COMMANDS:
+        print(f"unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    module_name, func_name = COMMANDS[argv[0]].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    fire.Fire({argv[0]: func}, command=argv, name="python -m berdiff")

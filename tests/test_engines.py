@@ -1,0 +1,72 @@
+# Copyright (c) berdiff contributors
+# Licensed under the Apache License, Version 2.0 (the "License").
+from __future__ import annotations
+
+import unittest
+
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+from monai.inferers import DiffusionInferer
+
+from berdiff.engines import BernoulliPrepareBatch
+from berdiff.networks import autoencoder_from_preset, denoiser_from_preset
+from berdiff.schedulers import BernoulliScheduler
+
+
+class TestBernoulliPrepareBatch(unittest.TestCase):
+    def test_target_is_flip_mask(self):
+        sch = BernoulliScheduler(num_train_timesteps=50)
+        prep = BernoulliPrepareBatch(sch)
+        codes = torch.randint(0, 2, (4, 3, 8, 8)).float()
+        images, target, args, kwargs = prep({"image": codes})
+        self.assertTrue(torch.equal(images, codes))
+        noisy = sch.add_noise(codes, kwargs["noise"], kwargs["timesteps"])
+        self.assertTrue(torch.equal(target, (noisy != codes).float()))
+        self.assertTrue(((kwargs["noise"] >= 0) & (kwargs["noise"] < 1)).all())
+        self.assertEqual(kwargs["timesteps"].shape, (4,))
+        self.assertEqual(args, ())
+
+    def test_sample_prediction_target_and_validation(self):
+        sch = BernoulliScheduler(num_train_timesteps=50, prediction_type="sample")
+        codes = torch.randint(0, 2, (2, 3, 4, 4)).float()
+        self.assertTrue(torch.equal(BernoulliPrepareBatch(sch)({"image": codes})[1], codes))
+        with self.assertRaisesRegex(ValueError, "binary"):
+            BernoulliPrepareBatch(sch)({"image": torch.rand(2, 3, 4, 4)})
+        with self.assertRaises(TypeError):
+            BernoulliPrepareBatch(object())
+
+    def test_on_the_fly_encoding(self):
+        ae = autoencoder_from_preset("tiny", in_channels=1)
+        prep = BernoulliPrepareBatch(BernoulliScheduler(num_train_timesteps=10), autoencoder=ae)
+        images, target, _, _ = prep({"image": torch.rand(2, 1, 16, 16)})
+        self.assertEqual(images.shape, (2, 4, 8, 8))
+        self.assertTrue(torch.all((images == 0) | (images == 1)))
+
+    def test_supervised_trainer_learns(self):
+        torch.manual_seed(0)
+        sch = BernoulliScheduler(num_train_timesteps=20)
+        unet = denoiser_from_preset("tiny", latent_channels=4)
+        # a fixed "healthy" code: a learnable structure, so the BCE must fall below ln 2
+        code = (torch.arange(64).reshape(8, 8) % 3 == 0).float().expand(4, 8, 8)
+        data = [{"image": code.unsqueeze(0).repeat(8, 1, 1, 1)} for _ in range(30)]
+        losses = []
+        trainer = SupervisedTrainer(
+            device=torch.device("cpu"),
+            max_epochs=1,
+            train_data_loader=data,
+            network=unet,
+            optimizer=torch.optim.Adam(unet.parameters(), 3e-3),
+            loss_function=torch.nn.BCEWithLogitsLoss(),
+            inferer=DiffusionInferer(sch),
+            prepare_batch=BernoulliPrepareBatch(sch),
+            decollate=False,
+        )
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"].item()))
+        trainer.run()
+        self.assertAlmostEqual(losses[0], 0.6931, places=3)  # zero-initialised output: p = 1/2
+        self.assertLess(sum(losses[-5:]) / 5, 0.5)
+
+
+if __name__ == "__main__":
+    unittest.main()
