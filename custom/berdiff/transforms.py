@@ -1,0 +1,251 @@
+# Copyright (c) berdiff contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+"""Transforms shared by training and inference: input checks, head-masked intensity scaling, the volume pipeline."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    ResizeWithPadOrCropd,
+)
+
+__all__ = [
+    "BRATS_MODALITIES",
+    "CheckImageFilesd",
+    "ValidateImaged",
+    "HeadPercentileScaled",
+    "volume_preprocessing",
+    "root_cause",
+]
+
+#: channel order of the brain MRI bundle
+BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """
+    The original exception behind MONAI's ``RuntimeError("applying transform ...")`` wrappers (``Compose`` wraps
+    every error raised inside a transform), so that a clear message such as "image file not found: ..." can be shown.
+    """
+    while isinstance(error, RuntimeError) and error.__cause__ is not None and "applying transform" in str(error):
+        error = error.__cause__
+    return error
+
+
+def _filename(meta_source: Any) -> str:
+    meta = getattr(meta_source, "meta", None) or {}
+    name = meta.get("filename_or_obj", "<in-memory image>")
+    if isinstance(name, (list, tuple)):
+        name = ", ".join(str(n) for n in name)
+    return str(name)
+
+
+class CheckImageFilesd(MapTransform):
+    """
+    Checks image files before loading, from their headers only: every file exists and is a readable NIfTI image, the
+    number of channels (files, or the 4th dimension of a single file) is ``num_channels``, and the files of one case
+    share shape and affine. Errors are ``ValueError``s naming the offending file.
+
+    Args:
+        keys: keys holding a file name or a list of file names (one per channel).
+        num_channels: expected number of channels; None skips the count check.
+        reference_key: optional key whose (first) file must have the same spatial shape and affine (e.g. the image
+            key when checking a segmentation).
+        atol: tolerance when comparing affines.
+        allow_missing_keys: don't raise for missing keys.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        num_channels: int | None = None,
+        reference_key: str | None = None,
+        atol: float = 1e-3,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.num_channels = num_channels
+        self.reference_key = reference_key
+        self.atol = atol
+
+    @staticmethod
+    def _header(path: str) -> nib.spatialimages.SpatialImage:
+        if not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"expected an image file name, got {type(path).__name__}: {path!r}.")
+        if not os.path.isfile(path):
+            raise ValueError(f"image file not found: {path}")
+        try:
+            img = nib.load(str(path))
+            _ = img.shape, img.affine
+        except Exception as e:  # nibabel raises several types for corrupt files
+            raise ValueError(f"cannot read image file {path}: {e}") from e
+        return img
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            files = d[key]
+            files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+            if not files:
+                raise ValueError(f"no image file given under {key!r}.")
+            headers = [self._header(f) for f in files]
+            if len(files) == 1:
+                shape = headers[0].shape
+                channels = shape[3] if len(shape) == 4 else 1
+                if len(shape) not in (3, 4):
+                    raise ValueError(f"{files[0]}: expected a 3D volume or a 4D multi-channel volume, got {shape}.")
+            else:
+                channels = len(files)
+                ref_shape, ref_affine = headers[0].shape, headers[0].affine
+                for f, h in zip(files[1:], headers[1:]):
+                    if h.shape != ref_shape:
+                        raise ValueError(f"shape mismatch: {f} has shape {h.shape}, {files[0]} has {ref_shape}.")
+                    if not np.allclose(h.affine, ref_affine, atol=self.atol):
+                        raise ValueError(f"affine mismatch between {f} and {files[0]}.")
+            if self.reference_key is not None and self.reference_key in d:
+                ref = d[self.reference_key]
+                ref = ref if isinstance(ref, (str, os.PathLike)) else list(ref)[0]
+                ref_header = self._header(ref)
+                if tuple(headers[0].shape[:3]) != tuple(ref_header.shape[:3]):
+                    raise ValueError(f"shape mismatch: {files[0]} has shape {headers[0].shape}, {ref} has {ref_header.shape}.")
+                if not np.allclose(headers[0].affine, ref_header.affine, atol=self.atol):
+                    raise ValueError(f"affine mismatch between {files[0]} and {ref}.")
+            if self.num_channels is not None and channels != self.num_channels:
+                raise ValueError(
+                    f"expected {self.num_channels} channels under {key!r}, got {channels} from {', '.join(map(str, files))}."
+                )
+        return d
+
+
+class ValidateImaged(MapTransform):
+    """
+    Checks loaded (channel-first) images: channel count, no NaN or infinite voxel. All-zero images are allowed
+    (they give all-zero anomaly maps, because constant slices are skipped by the pipeline).
+
+    Args:
+        keys: keys of channel-first images.
+        num_channels: expected number of channels; None skips the check.
+        allow_missing_keys: don't raise for missing keys.
+    """
+
+    def __init__(self, keys: KeysCollection, num_channels: int | None = None, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.num_channels = num_channels
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if self.num_channels is not None and img.shape[0] != self.num_channels:
+                raise ValueError(
+                    f"{_filename(img)}: expected {self.num_channels} channels, got {img.shape[0]} (shape {tuple(img.shape)})."
+                )
+            if not bool(torch.isfinite(torch.as_tensor(img)).all()):
+                raise ValueError(f"{_filename(img)}: image contains NaN or infinite voxels.")
+        return d
+
+
+class HeadPercentileScaled(MapTransform):
+    """
+    Per-volume, per-channel intensity scaling to [0, 1] inside the head: each channel is divided by its
+    ``upper``-th percentile over voxels above ``background`` and clipped to [0, 1]; the background stays 0. A channel
+    with no voxel above the background is left at 0.
+
+    Args:
+        keys: keys of channel-first images.
+        upper: percentile (0-100] of head voxels mapped to 1.
+        background: voxels with values <= background are not part of the head.
+        allow_missing_keys: don't raise for missing keys.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, upper: float = 99.5, background: float = 0.0, allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if not 0.0 < upper <= 100.0:
+            raise ValueError(f"upper percentile must be in (0, 100], got {upper}.")
+        self.upper = upper
+        self.background = background
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            out = torch.zeros_like(torch.as_tensor(img), dtype=torch.float32)
+            for c in range(img.shape[0]):
+                chan = torch.as_tensor(img[c]).float()
+                head = chan > self.background
+                if not bool(head.any()):
+                    continue
+                values = chan[head]
+                if values.numel() > 2_000_000:  # quantile has an input-size limit; a strided subsample is exact enough
+                    values = values[:: values.numel() // 1_000_000 + 1]
+                hi = torch.quantile(values, self.upper / 100.0)
+                if hi <= self.background:
+                    continue
+                out[c] = torch.where(head, ((chan - self.background) / (hi - self.background)).clamp(0.0, 1.0), 0.0)
+            if isinstance(img, MetaTensor):
+                out = MetaTensor(out, meta=img.meta, applied_operations=img.applied_operations)
+            d[key] = out
+        return d
+
+
+def volume_preprocessing(
+    keys: Sequence[str] | str = "image",
+    label_key: str | None = None,
+    num_channels: int | None = 4,
+    spatial_size: Sequence[int] = (256, 256),
+    upper_percentile: float = 99.5,
+    axcodes: str = "RAS",
+) -> Compose:
+    """
+    The one preprocessing of 3D brain MRI used by training and inference: check files, load the modalities (a list
+    of files, or one multi-channel file) as channels, check channels and finite values, orient to ``axcodes``, scale
+    each modality to [0, 1] inside the head (:class:`HeadPercentileScaled`) and pad or crop in-plane (the first two
+    spatial axes, i.e. the axial plane in RAS) to ``spatial_size``. Every spatial step is invertible, so ``Invertd``
+    maps predictions back onto the input's grid.
+
+    Args:
+        keys: image key(s).
+        label_key: optional segmentation key, loaded and resampled alongside (nearest neighbour, no scaling).
+        num_channels: expected channels of the image (4 for BraTS: t1, t1ce, t2, flair); None skips the check.
+        spatial_size: in-plane size after padding/cropping.
+        upper_percentile: see :class:`HeadPercentileScaled`.
+        axcodes: orientation codes.
+    """
+    image_keys = [keys] if isinstance(keys, str) else list(keys)
+    all_keys = image_keys + ([label_key] if label_key else [])
+    size = (*[int(s) for s in spatial_size], -1)
+    return Compose(
+        [
+            CheckImageFilesd(image_keys, num_channels=num_channels),
+            *([CheckImageFilesd(label_key, num_channels=1, reference_key=image_keys[0])] if label_key else []),
+            LoadImaged(all_keys, image_only=True),
+            EnsureChannelFirstd(all_keys),
+            ValidateImaged(image_keys, num_channels=num_channels),
+            Orientationd(all_keys, axcodes=axcodes, labels=None),
+            HeadPercentileScaled(image_keys, upper=upper_percentile),
+            ResizeWithPadOrCropd(all_keys, spatial_size=size),
+            EnsureTyped(image_keys, dtype=torch.float32),
+        ]
+    )
