@@ -484,6 +484,47 @@ def _check_number(name: str, value: Any, low: float, high: float | None = None) 
     return out
 
 
+def _write_subjects(
+    folder: Path,
+    template: TemplateGrid,
+    num_subjects: int,
+    tumour_fraction: float,
+    seed: int,
+    spacing: float,
+    radius: tuple[float, float],
+    noise_std: float,
+    seg_type: SegDType,
+    case_prefix: str,
+) -> list[dict[str, Any]]:
+    """Synthesize and write all cases into ``folder``; returns the manifest's subject entries."""
+    num_tumours = int(round(tumour_fraction * num_subjects))
+    # which subjects get a tumour, and each subject's own seed (independent of num_subjects for subject i)
+    tumour_ids = set(
+        np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,))).permutation(num_subjects)[:num_tumours]
+    )
+    subject_seeds = np.random.SeedSequence(seed, spawn_key=(1,)).spawn(num_subjects)
+    seg_np_dtype = np.uint8 if seg_type == SegDType.UINT8 else np.int16
+    subjects = []
+    for i in range(num_subjects):
+        case = f"{case_prefix}_{i:03d}"
+        has_tumour = i in tumour_ids
+        images, labels, params = synthesize_subject(
+            template, subject_seeds[i], has_tumour, spacing, radius, noise_std
+        )
+        (folder / case).mkdir()
+        files = {}
+        for modality in MODALITIES:
+            files[modality] = f"{case}/{case}_{modality}.nii.gz"
+            _save_nifti(images[modality], template.affine, folder / files[modality])
+        files["seg"] = f"{case}/{case}_seg.nii.gz"
+        _save_nifti(labels.astype(seg_np_dtype), template.affine, folder / files["seg"])
+        if params is not None:
+            world = template.affine @ np.append(params["centre_voxel"], 1.0)
+            params = {**params, "centre_mm": [round(float(v), 3) for v in world[:3]]}
+        subjects.append({"case": case, "has_tumour": has_tumour, "files": files, "tumours": [params] if params else []})
+    return subjects
+
+
 def make_demo_data(
     out: str | os.PathLike,
     num_subjects: int = 12,
@@ -566,38 +607,32 @@ def make_demo_data(
             previous_cases = []
 
     template = load_template(spacing, grid_shape)  # fails early (no partial output) if nilearn is missing
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    root = np.random.SeedSequence(seed)
-    num_tumours = int(round(tumour_fraction * num_subjects))
-    tumour_ids = set(np.random.default_rng(root.spawn(1)[0]).permutation(num_subjects)[:num_tumours].tolist())
-    subject_seeds = np.random.SeedSequence(entropy=seed, spawn_key=(1,)).spawn(num_subjects)
-    seg_np_dtype = np.uint8 if seg_type == SegDType.UINT8 else np.int16
-
-    subjects = []
-    for i in range(num_subjects):
-        case = f"{case_prefix}_{i:03d}"
-        has_tumour = i in tumour_ids
-        images, labels, params = synthesize_subject(
-            template, subject_seeds[i], has_tumour, spacing, radius, noise_std  # type: ignore[arg-type]
+    # every case is written into a hidden staging folder first and moved into place only once all succeeded
+    staging = Path(tempfile.mkdtemp(prefix=".make_demo_data-", dir=out_dir))
+    try:
+        subjects = _write_subjects(
+            staging, template, num_subjects, tumour_fraction, seed, spacing, radius, noise_std, seg_type, case_prefix
         )
-        case_dir = out_dir / case
-        case_dir.mkdir(exist_ok=True)
-        files = {}
-        for modality in MODALITIES:
-            files[modality] = f"{case}/{case}_{modality}.nii.gz"
-            _save_nifti(images[modality], template.affine, out_dir / files[modality])
-        files["seg"] = f"{case}/{case}_seg.nii.gz"
-        _save_nifti(labels.astype(seg_np_dtype), template.affine, out_dir / files["seg"])
-        if params is not None:
-            world = template.affine @ np.append(params["centre_voxel"], 1.0)
-            params = {**params, "centre_mm": [round(float(v), 3) for v in world[:3]]}
-        subjects.append({"case": case, "has_tumour": has_tumour, "files": files, "tumours": [params] if params else []})
+        for subject in subjects:
+            target = out_dir / subject["case"]
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+            os.replace(staging / subject["case"], target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
 
     new_cases = {s["case"] for s in subjects}
     for case in previous_cases:
         stale = out_dir / case
-        if case not in new_cases and stale.is_dir() and stale.parent == out_dir:
+        if case not in new_cases and stale.is_dir() and not stale.is_symlink() and stale.parent == out_dir:
             shutil.rmtree(stale)
 
     manifest = {
