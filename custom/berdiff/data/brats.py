@@ -1,0 +1,340 @@
+# Copyright (c) berdiff contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+"""
+BraTS-style brain MRI preparation: case discovery (BraTS folder layout or Decathlon-style datalist), subject-level
+split, axial slice extraction into a pre-sliced ``.npy`` cache and the datalist used by the training configs.
+
+Output of :func:`prepare_brats` (``out`` folder)::
+
+    datalist.json                                 # see below
+    slices/<subject>/<subject>_z<k>_image.npy     # float16 (C, H, W) in [0, 1], every slice in the slice range
+    slices/<subject>/<subject>_z<k>_label.npy     # uint8 (1, H, W) binary tumour mask, diseased slices only
+
+``datalist.json`` holds Decathlon-style lists (``monai.data.load_decathlon_datalist(path, True, key)`` resolves the
+relative paths): ``training`` / ``validation`` = healthy slices of the train / validation subjects (keys ``image``,
+``subject``, ``slice``); ``training_diseased`` / ``validation_diseased`` = diseased slices (with ``label``);
+``subjects`` = the subject ids per split; ``volumes`` = the source files per split (absolute ``image`` list and
+``label``) for volume-level evaluation; ``counts`` and the preparation settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import load_decathlon_datalist
+from sklearn.model_selection import train_test_split
+
+from berdiff.transforms import BRATS_MODALITIES, CheckImageFilesd, root_cause, volume_preprocessing
+
+__all__ = [
+    "DATALIST_NAME",
+    "REFERENCE_DEPTH",
+    "REFERENCE_EXCLUDE_LOWER",
+    "REFERENCE_EXCLUDE_UPPER",
+    "SEGMENTATION_SUFFIX",
+    "find_brats_cases",
+    "split_subjects",
+    "axial_slice_range",
+    "prepare_brats",
+]
+
+#: file name of the datalist written by :func:`prepare_brats`
+DATALIST_NAME = "datalist.json"
+#: suffix of the segmentation file in the BraTS layout
+SEGMENTATION_SUFFIX = "seg"
+#: the reference's slice rule: of the 155 axial slices of a BraTS volume, exclude the lowest 80 and the uppermost 26
+REFERENCE_DEPTH = 155
+REFERENCE_EXCLUDE_LOWER = 80
+REFERENCE_EXCLUDE_UPPER = 26
+
+_NIFTI = re.compile(r"^(?P<stem>.+)\.nii(\.gz)?$", re.IGNORECASE)
+
+
+def _case_from_folder(folder: str, require_label: bool) -> dict[str, Any]:
+    files: dict[str, str] = {}
+    for name in sorted(os.listdir(folder)):
+        match = _NIFTI.match(name)
+        if match is None or name.startswith("."):
+            continue
+        stem = match.group("stem")
+        suffix = stem.rsplit("_", 1)[-1].lower() if "_" in stem else ""
+        path = os.path.join(folder, name)
+        if suffix not in (*BRATS_MODALITIES, SEGMENTATION_SUFFIX):
+            raise ValueError(
+                f"unexpected file {path}: modality {suffix!r} is not one of "
+                f"{', '.join(BRATS_MODALITIES + (SEGMENTATION_SUFFIX,))} (expected <case>_<modality>.nii[.gz])."
+            )
+        if suffix in files:
+            raise ValueError(f"two files for modality {suffix!r} in {folder}: {files[suffix]} and {path}.")
+        files[suffix] = path
+    if not files:
+        raise ValueError(f"no NIfTI files in case folder {folder}.")
+    missing = [m for m in BRATS_MODALITIES if m not in files]
+    if require_label and SEGMENTATION_SUFFIX not in files:
+        missing.append(SEGMENTATION_SUFFIX)
+    if missing:
+        raise ValueError(
+            f"case folder {folder} lacks modality file(s) {', '.join(missing)} "
+            f"(expected {os.path.basename(folder)}_<modality>.nii[.gz])."
+        )
+    case = {"subject": os.path.basename(os.path.normpath(folder)), "image": [files[m] for m in BRATS_MODALITIES]}
+    if SEGMENTATION_SUFFIX in files:
+        case["label"] = files[SEGMENTATION_SUFFIX]
+    return case
+
+
+def _subject_from_path(path: str) -> str:
+    name = os.path.basename(path)
+    match = _NIFTI.match(name)
+    stem = match.group("stem") if match else os.path.splitext(name)[0]
+    head, _, suffix = stem.rpartition("_")
+    return head if head and suffix.lower() in BRATS_MODALITIES else stem
+
+
+def find_brats_cases(src: str, require_label: bool = True, datalist_key: str = "training") -> list[dict[str, Any]]:
+    """
+    Discover the cases of a BraTS-layout folder (``<src>/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii[.gz]``) or of a
+    Decathlon-style datalist JSON (``{"training": [{"image": [t1, t1ce, t2, flair] or one 4-channel file,
+    "label": seg}, ...]}``, paths relative to the JSON file's folder).
+
+    Args:
+        src: the root folder or the datalist file.
+        require_label: every case must have a segmentation.
+        datalist_key: list to read from a datalist JSON.
+
+    Returns:
+        one dict per case, sorted by subject: ``subject``, ``image`` (list of files in the order t1, t1ce, t2, flair,
+        or a single 4-channel file) and ``label``.
+
+    Raises:
+        ValueError: missing source, missing, duplicated or unexpected modality files, duplicated subject ids.
+    """
+    src = os.fspath(src)
+    if os.path.isfile(src):
+        try:
+            items = load_decathlon_datalist(src, is_segmentation=True, data_list_key=datalist_key)
+        except (ValueError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read datalist {src}: {e}") from e
+        cases = []
+        for i, item in enumerate(items):
+            if "image" not in item:
+                raise ValueError(f"datalist {src}: entry {i} of {datalist_key!r} has no 'image'.")
+            if require_label and "label" not in item:
+                raise ValueError(f"datalist {src}: entry {i} of {datalist_key!r} ({item['image']}) has no 'label'.")
+            image = item["image"]
+            first = image if isinstance(image, str) else image[0]
+            case = {"subject": str(item.get("subject", _subject_from_path(first))), "image": image}
+            if "label" in item:
+                case["label"] = item["label"]
+            cases.append(case)
+    elif os.path.isdir(src):
+        folders = [os.path.join(src, d) for d in sorted(os.listdir(src)) if not d.startswith(".")]
+        cases = [_case_from_folder(f, require_label) for f in folders if os.path.isdir(f)]
+    else:
+        raise ValueError(f"source not found: {src} (expected a BraTS-layout folder or a datalist JSON file).")
+    if not cases:
+        raise ValueError(f"no cases found in {src}.")
+    seen: dict[str, Any] = {}
+    for case in cases:
+        if case["subject"] in seen:
+            raise ValueError(f"duplicated subject id {case['subject']!r} in {src}.")
+        seen[case["subject"]] = case
+    return sorted(cases, key=lambda c: c["subject"])
+
+
+def split_subjects(subjects: Sequence[str], val_fraction: float = 0.1, seed: int = 0) -> tuple[list[str], list[str]]:
+    """
+    Seeded subject-level split. The validation set has ``round(val_fraction * n)`` subjects, at least 1 when
+    ``val_fraction > 0`` and at most ``n - 1``.
+
+    Args:
+        subjects: subject ids (unique).
+        val_fraction: fraction of subjects for validation, in [0, 1).
+        seed: random seed of the split.
+
+    Returns:
+        sorted train and validation subject lists.
+    """
+    subjects = sorted(subjects)
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+    if val_fraction == 0:
+        return subjects, []
+    if len(subjects) < 2:
+        raise ValueError(f"a validation split needs at least 2 subjects, got {len(subjects)}; use val_fraction=0.")
+    n_val = min(max(1, round(val_fraction * len(subjects))), len(subjects) - 1)
+    train, val = train_test_split(subjects, test_size=n_val, random_state=seed, shuffle=True)
+    return sorted(train), sorted(val)
+
+
+def axial_slice_range(depth: int, slice_start: int | None = None, slice_stop: int | None = None) -> range:
+    """
+    Axial slice indices (in RAS order, index 0 = most inferior) kept for training and evaluation.
+
+    The default is the reference rule "exclude the lowest 80 and the uppermost 26 of the 155 axial slices", i.e.
+    slices 80..128 of a 155-slice BraTS volume. For a volume of another depth the rule is scaled proportionally:
+    ``start = round(80 * depth / 155)``, ``stop = depth - round(26 * depth / 155)``.
+
+    Args:
+        depth: number of axial slices.
+        slice_start: first slice index (Python semantics, negative counts from the top); default from the rule.
+        slice_stop: one past the last slice index (Python semantics); default from the rule.
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be positive, got {depth}.")
+    default_start = round(REFERENCE_EXCLUDE_LOWER * depth / REFERENCE_DEPTH)
+    default_stop = depth - round(REFERENCE_EXCLUDE_UPPER * depth / REFERENCE_DEPTH)
+    start, stop, _ = slice(
+        default_start if slice_start is None else int(slice_start),
+        default_stop if slice_stop is None else int(slice_stop),
+    ).indices(depth)
+    if stop <= start:
+        raise ValueError(f"empty slice range [{slice_start}, {slice_stop}) for a volume with {depth} axial slices.")
+    return range(start, stop)
+
+
+def _write_json(path: str, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".json.tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def prepare_brats(
+    src: str,
+    out: str,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    spatial_size: int | Sequence[int] = 256,
+    slice_start: int | None = None,
+    slice_stop: int | None = None,
+    upper_percentile: float = 99.5,
+    datalist_key: str = "training",
+) -> None:
+    """
+    Prepare BraTS-style volumes for training: discover the cases, split them by subject (seeded), preprocess each
+    volume with :func:`berdiff.transforms.volume_preprocessing` (the same as inference: RAS, per-volume head
+    percentile scaling to [0, 1], in-plane pad/crop), write every axial slice of the slice range as a float16
+    ``.npy`` file (so training epochs never re-read NIfTI volumes), and write ``<out>/datalist.json`` (see the module
+    docstring). A slice is healthy when its segmentation has no tumour voxel (label > 0). Prints the counts.
+
+    All inputs are checked before anything is written; the output appears only when every case succeeded.
+
+    Args:
+        src: BraTS-layout root folder, or a Decathlon-style datalist JSON.
+        out: output folder (created; an earlier ``slices/`` and ``datalist.json`` there are replaced).
+        val_fraction: fraction of subjects held out for validation.
+        seed: seed of the subject split.
+        spatial_size: in-plane size after padding/cropping (an int for a square, or two ints).
+        slice_start: first axial slice kept (default: the reference rule, see :func:`axial_slice_range`).
+        slice_stop: one past the last axial slice kept (default: the reference rule).
+        upper_percentile: head percentile mapped to 1 by the intensity scaling.
+        datalist_key: list to read when ``src`` is a datalist JSON.
+
+    Raises:
+        ValueError: with a message naming the offending folder or file.
+    """
+    size = [int(spatial_size)] * 2 if isinstance(spatial_size, (int, float, str)) else [int(s) for s in spatial_size]
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"spatial_size must be one or two positive ints, got {spatial_size}.")
+    cases = find_brats_cases(src, require_label=True, datalist_key=datalist_key)
+    train_ids, val_ids = split_subjects([c["subject"] for c in cases], val_fraction, seed)
+    split_of = {**{s: "training" for s in train_ids}, **{s: "validation" for s in val_ids}}
+
+    checker = CheckImageFilesd("image", num_channels=len(BRATS_MODALITIES))
+    label_checker = CheckImageFilesd("label", num_channels=1, reference_key="image")
+    for case in cases:  # header-only checks of every file before any output is written
+        label_checker(checker(case))
+
+    preprocessing = volume_preprocessing(
+        keys="image", label_key="label", num_channels=len(BRATS_MODALITIES), spatial_size=size,
+        upper_percentile=upper_percentile,
+    )
+    out = os.path.abspath(os.fspath(out))
+    os.makedirs(out, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".prepare_brats.", dir=out)
+    lists: dict[str, list] = {"training": [], "validation": [], "training_diseased": [], "validation_diseased": []}
+    volumes: dict[str, list] = {"training": [], "validation": []}
+    slice_ranges: dict[str, list[int]] = {}
+    try:
+        for case in cases:
+            subject, split = case["subject"], split_of[case["subject"]]
+            try:
+                data = preprocessing({"image": case["image"], "label": case["label"]})
+            except Exception as e:  # MONAI wraps transform errors; show the original message
+                cause = root_cause(e)
+                raise ValueError(f"subject {subject}: {cause}") from cause
+            image = torch.as_tensor(data["image"]).float().numpy()
+            label = torch.as_tensor(data["label"]).numpy()
+            depth = image.shape[-1]
+            zs = axial_slice_range(depth, slice_start, slice_stop)
+            slice_ranges[subject] = [zs.start, zs.stop]
+            folder = os.path.join(staging, "slices", subject)
+            os.makedirs(folder)
+            for z in zs:
+                rel = f"slices/{subject}/{subject}_z{z:03d}"
+                np.save(os.path.join(staging, rel + "_image.npy"), image[..., z].astype(np.float16))
+                mask = label[..., z] > 0
+                entry: dict[str, Any] = {"image": rel + "_image.npy", "subject": subject, "slice": z}
+                if mask.any():
+                    np.save(os.path.join(staging, rel + "_label.npy"), mask.astype(np.uint8))
+                    entry["label"] = rel + "_label.npy"
+                    lists[f"{split}_diseased"].append(entry)
+                else:
+                    lists[split].append(entry)
+            volumes[split].append(
+                {"subject": subject, "image": [os.path.abspath(p) for p in np.atleast_1d(case["image"]).tolist()],
+                 "label": os.path.abspath(case["label"])}
+            )
+        counts = {
+            split: {
+                "subjects": len(volumes[split]),
+                "healthy_slices": len(lists[split]),
+                "diseased_slices": len(lists[f"{split}_diseased"]),
+            }
+            for split in ("training", "validation")
+        }
+        datalist = {
+            "description": "healthy (training/validation) and diseased axial slices, written by berdiff prepare_brats",
+            "source": os.path.abspath(os.fspath(src)),
+            "modalities": list(BRATS_MODALITIES),
+            "spatial_size": size,
+            "slice_start": slice_start,
+            "slice_stop": slice_stop,
+            "slice_ranges": slice_ranges,
+            "upper_percentile": upper_percentile,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "counts": counts,
+            "subjects": {"training": train_ids, "validation": val_ids},
+            "volumes": volumes,
+            **lists,
+        }
+        _write_json(os.path.join(staging, DATALIST_NAME), datalist)
+        # publish: replace an earlier output only now that everything succeeded
+        final_slices = os.path.join(out, "slices")
+        if os.path.isdir(final_slices):
+            shutil.rmtree(final_slices)
+        os.replace(os.path.join(staging, "slices"), final_slices)
+        os.replace(os.path.join(staging, DATALIST_NAME), os.path.join(out, DATALIST_NAME))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    print(f"prepared {len(cases)} subjects from {src} -> {os.path.join(out, DATALIST_NAME)}")
+    print(f"{'split':<12}{'subjects':>10}{'healthy':>10}{'diseased':>10}")
+    for split, c in counts.items():
+        print(f"{split:<12}{c['subjects']:>10}{c['healthy_slices']:>10}{c['diseased_slices']:>10}")
