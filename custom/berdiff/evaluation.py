@@ -193,7 +193,7 @@ def _score_case(
     elif brain is None and image is not None:
         brain = brain_mask_from_image(image, channel_axis=0)
     if use_brain_mask and brain is None:
-        raise ValueError(f"case {name!r}: a brain mask was requested but the case has neither 'brain_mask' nor 'image'.")
+        raise ValueError(f"case {name!r}: a brain mask was requested but the case has no 'brain_mask' or 'image'.")
     if brain is not None:
         brain = np.asarray(brain) > 0
         if brain.shape != score.shape:
@@ -296,7 +296,7 @@ def _settings(
     erosion = "shape[0] // 25 iterations" if erode is True else ("none" if not erode else f"{int(erode)} iterations")
     return {
         "protocol_a": {
-            "unit": f"2D slices along axis {axis}, pooled over the diseased slices of all cases; mean and std over slices",
+            "unit": f"2D slices along axis {axis}, pooled over the diseased slices of all cases; mean, std over slices",
             "brain_mask": "no",
             "median_filter": f"2D {median_size_2d}x{median_size_2d} on the channel-summed map",
             "normalisation": "clip to the slice's [p1, p99], then min-max to [0, 1]",
@@ -321,7 +321,7 @@ def _settings(
         ),
         "auprc_implementation": "sklearn average_precision_score (the reference used torcheval BinaryAUPRC)",
         "auroc_implementation": "sklearn roc_auc_score",
-        "undefined_values": "Dice with empty prediction and ground truth, AUROC/AUPRC with one class: left out of means",
+        "undefined_values": "Dice with empty prediction and ground truth, AUROC/AUPRC with one class: not averaged",
     }
 
 
@@ -542,7 +542,7 @@ def _strip_nii(name: str) -> str | None:
 
 
 def _match_key(name: str) -> str:
-    """Case key used for matching: trailing modality / seg / image tokens removed (``BraTS_001_flair`` -> ``BraTS_001``)."""
+    """Case key for matching: trailing modality / seg / image tokens removed (``BraTS_001_flair`` -> ``BraTS_001``)."""
     parts = name.split("_")
     while len(parts) > 1 and parts[-1].lower() in _STRIP_TOKENS:
         parts.pop()
@@ -846,7 +846,7 @@ def evaluate(
     )
     if extra:
         result["settings"]["threshold_file_content"] = extra
-    result["settings"]["inputs"] = {"pred": str(pred), "label": str(label), "image": None if image is None else str(image)}
+    result["settings"]["inputs"] = {"pred": str(pred), "label": str(label), "image": image and str(image)}
     out_dir = Path(out) if out is not None else Path(pred) / "evaluation"
     result["settings"]["output_folder"] = str(out_dir)
     _write_outputs(result, scored, out_dir, figure)
@@ -856,7 +856,7 @@ def evaluate(
 
 
 def _write_outputs(result: dict, scored: list[dict], out_dir: Path, figure: bool) -> None:
-    """Render everything in memory first, then write ``metrics.json``, ``per_case.csv`` and ``figure.png`` atomically."""
+    """Render all outputs in memory, then write ``metrics.json``, ``per_case.csv`` and ``figure.png`` atomically."""
     files = {
         out_dir / "metrics.json": json.dumps(
             _finite_or_none({k: v for k, v in result.items() if k != "per_case"}), indent=2
