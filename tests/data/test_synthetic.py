@@ -11,8 +11,10 @@ from unittest import mock
 import nibabel as nib
 import numpy as np
 from parameterized import parameterized
+from scipy import ndimage
 
 from berdiff.cli import main as cli_main
+from berdiff.data import synthetic
 from berdiff.data.synthetic import LABELS, MODALITIES, load_template, make_demo_data
 
 # 3 mm keeps every volume small (64x72x64) while tumours of 15-21 mm radius still hold all three labels
@@ -221,6 +223,30 @@ class TestMakeDemoDataOptions(unittest.TestCase):
                 finally:
                     load_template.cache_clear()
             self.assertFalse(out.exists())
+
+    def test_tumour_displaces_and_replaces_tissue(self):
+        template = load_template(SMALL["spacing"], None)
+        rng = np.random.default_rng(3)
+        healthy = synthetic._deform_healthy(template, rng, SMALL["spacing"])
+        subject = {k: v.copy() for k, v in healthy.items()}
+        result = synthetic._add_tumour(subject, rng, SMALL["spacing"], SMALL["tumour_radius_mm"])
+        self.assertIsNotNone(result)
+        weights, labels, params = result
+        brain = healthy["mask"]
+        np.testing.assert_allclose(subject["tissues"].sum(0)[brain], 1.0, atol=1e-4)
+        # mass effect: tissue next to (not inside) the tumour has moved
+        dist = ndimage.distance_transform_edt(labels == 0)
+        near = brain & (dist > 0) & (dist <= 2)
+        moved = np.abs(subject["tissues"] - healthy["tissues"]).max(0)
+        self.assertGreater(float(np.median(moved[near])), 0.02)
+        # far away the anatomy is untouched
+        far = brain & (dist > 4 * params["mass_effect_sigma_mm"] / SMALL["spacing"])
+        self.assertTrue(far.any())
+        self.assertLess(float(moved[far].max()), 1e-3)
+        # the core replaces the tissue completely, oedema partly
+        core = labels == 4
+        self.assertGreater(float((weights["necrosis"] + weights["enhancing"])[core].mean()), 0.6)
+        self.assertFalse((weights["oedema"][~brain] > 0).any())
 
     def test_tumour_too_large_for_grid_raises(self):
         with tempfile.TemporaryDirectory() as tmp:

@@ -230,7 +230,8 @@ def _deform_healthy(template: TemplateGrid, rng: np.random.Generator, spacing: f
         padding_mode="zeros",
     )
     elastic.set_random_state(seed=_seed(rng))
-    out = elastic({"tissues": template.tissues.copy(), "t1": template.t1[None].copy(), "mask": template.mask[None].copy()})
+    data = {"tissues": template.tissues.copy(), "t1": template.t1[None].copy(), "mask": template.mask[None].copy()}
+    out = elastic(data)
     mask = convert_to_numpy(out["mask"], dtype=np.float32)[0] > 0.5
     tissues = np.clip(convert_to_numpy(out["tissues"], dtype=np.float32), 0.0, None)
     total = tissues.sum(0)
@@ -280,10 +281,11 @@ def _add_tumour(
     centre = candidates[rng.integers(len(candidates))].astype(np.float64)
     axes = r_vox * rng.uniform(0.8, 1.25, size=3)
     rotation = _random_rotation(rng)
-    mass_effect = float(rng.uniform(0.3, 0.5))
+    mass_effect = float(rng.uniform(0.4, 0.6))
+    push_sigma = 1.2 * r_vox
 
-    # local box around the tumour and its mass effect
-    half = int(math.ceil(2.5 * r_vox)) + 2
+    # local box around the tumour and its mass effect (the displacement is < 0.01 * push_sigma at the box border)
+    half = int(math.ceil(3.5 * push_sigma)) + 2
     lo = np.maximum(centre.astype(int) - half, 0)
     hi = np.minimum(centre.astype(int) + half + 1, shape)
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
@@ -291,8 +293,8 @@ def _add_tumour(
     offset = grid - centre.astype(np.float32)[:, None, None, None]
     dist = np.sqrt((offset**2).sum(0))
 
-    # mass effect: sample tissue from closer to the centre, r_src = r (1 - a exp(-r^2 / 2 R^2)) (monotone for a < 1)
-    shrink = 1.0 - mass_effect * np.exp(-(dist**2) / (2 * r_vox**2))
+    # mass effect: sample tissue from closer to the centre, r_src = r (1 - a exp(-r^2 / 2 s^2)) (monotone for a < 1)
+    shrink = 1.0 - mass_effect * np.exp(-(dist**2) / (2 * push_sigma**2))
     src = centre.astype(np.float32)[:, None, None, None] + offset * shrink
     box_mask = mask[box]
     for key in ("tissues", "t1"):
@@ -351,6 +353,7 @@ def _add_tumour(
         "core_fraction": round(core_fraction, 4),
         "necrosis_fraction": round(necrosis_fraction, 4),
         "mass_effect": round(mass_effect, 4),
+        "mass_effect_sigma_mm": round(push_sigma * spacing, 3),
         "voxels": counts,
     }
     return weights, labels, params
