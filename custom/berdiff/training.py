@@ -1,0 +1,259 @@
+# Copyright (c) berdiff contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+"""Small helpers called by the bundle's training configs (two-stage training, resume, export of ``models/model.pt``)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from ignite.engine import Engine, Events
+from monai.config import KeysCollection
+from monai.engines import AdversarialTrainer, SupervisedTrainer
+from monai.inferers import Inferer
+from monai.losses import PatchAdversarialLoss
+from monai.transforms import MapTransform
+
+from berdiff.networks.anomaly_pipeline import AnomalyPipeline
+
+__all__ = [
+    "ReconstructionInferer",
+    "DelayedAdversarialLoss",
+    "autoencoder_trainer",
+    "EncodeImaged",
+    "load_weights",
+    "latest_checkpoint",
+    "save_state_dict",
+    "export_pipeline",
+    "ExportPipeline",
+]
+
+
+class ReconstructionInferer(Inferer):
+    """Runs the autoencoder and returns only its reconstruction (the first element of a tuple output)."""
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = network(inputs, *args, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class DelayedAdversarialLoss(nn.Module):
+    """
+    PatchGAN adversarial loss (MONAI ``PatchAdversarialLoss``) that is zero before ``start_iteration``, shaped for
+    MONAI's ``AdversarialTrainer``: ``g_loss_function(fake_logits)`` and ``d_loss_function(real_logits,
+    fake_logits)``. The iteration is taken from the trainer it is attached to (put it in ``train_handlers``).
+
+    Args:
+        for_discriminator: discriminator loss (two arguments) instead of the generator loss (one argument).
+        weight: factor of the loss once started.
+        start_iteration: first trainer iteration (1-based) at which the loss is active.
+        criterion: ``"hinge"`` (the reference), ``"least_squares"`` or ``"bce"``.
+    """
+
+    def __init__(
+        self, for_discriminator: bool, weight: float = 1.0, start_iteration: int = 0, criterion: str = "hinge"
+    ) -> None:
+        super().__init__()
+        if weight < 0 or start_iteration < 0:
+            raise ValueError(f"weight and start_iteration must be >= 0, got {weight}, {start_iteration}.")
+        self.for_discriminator = for_discriminator
+        self.weight = weight
+        self.start_iteration = int(start_iteration)
+        self.loss = PatchAdversarialLoss(criterion=criterion, reduction="mean")
+        self.iteration = 0
+
+    def attach(self, engine: Engine) -> None:
+        """Track ``engine.state.iteration``."""
+        engine.add_event_handler(Events.ITERATION_STARTED, lambda e: setattr(self, "iteration", e.state.iteration))
+
+    @staticmethod
+    def _last(logits: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        return logits[-1] if isinstance(logits, (list, tuple)) else logits  # PatchDiscriminator returns all features
+
+    def forward(self, logits: torch.Tensor | Sequence[torch.Tensor], fake_logits: Any = None) -> torch.Tensor:
+        first = self._last(logits)
+        active = self.iteration >= self.start_iteration and self.weight > 0
+        if self.for_discriminator:
+            if fake_logits is None:
+                raise ValueError("the discriminator loss needs real and fake logits.")
+            fake = self._last(fake_logits)
+            if not active:
+                return (first.sum() + fake.sum()) * 0.0  # keeps the graph so that backward() works
+            real_loss = self.loss(first.float(), target_is_real=True, for_discriminator=True)
+            fake_loss = self.loss(fake.float(), target_is_real=False, for_discriminator=True)
+            return self.weight * 0.5 * (real_loss + fake_loss)
+        if not active:
+            return first.sum() * 0.0
+        return self.weight * self.loss(first.float(), target_is_real=True, for_discriminator=False)
+
+
+def autoencoder_trainer(
+    adversarial: bool,
+    device: torch.device | str,
+    max_epochs: int,
+    train_data_loader: Any,
+    network: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_function: nn.Module,
+    d_network: nn.Module | None = None,
+    d_optimizer: torch.optim.Optimizer | None = None,
+    g_adv_loss: nn.Module | None = None,
+    d_adv_loss: nn.Module | None = None,
+    **kwargs: Any,
+) -> SupervisedTrainer | AdversarialTrainer:
+    """
+    The stage-1 trainer: MONAI ``SupervisedTrainer`` (L1 only), or ``AdversarialTrainer`` with a PatchGAN
+    discriminator when ``adversarial`` is True.
+
+    Args:
+        adversarial: add the adversarial loss (needs ``d_network``, ``d_optimizer``, ``g_adv_loss``, ``d_adv_loss``).
+        device, max_epochs, train_data_loader: as for MONAI trainers.
+        network: the autoencoder (the generator).
+        optimizer: its optimiser.
+        loss_function: the reconstruction loss.
+        d_network: the discriminator.
+        d_optimizer: its optimiser.
+        g_adv_loss: generator adversarial loss (e.g. :class:`DelayedAdversarialLoss`), attached to the trainer.
+        d_adv_loss: discriminator adversarial loss, attached to the trainer.
+        kwargs: other trainer arguments (``inferer`` is passed as ``g_inferer`` to the adversarial trainer).
+    """
+    if not adversarial:
+        return SupervisedTrainer(
+            device=device, max_epochs=max_epochs, train_data_loader=train_data_loader, network=network,
+            optimizer=optimizer, loss_function=loss_function, **kwargs,
+        )
+    missing = [n for n, v in {"d_network": d_network, "d_optimizer": d_optimizer, "g_adv_loss": g_adv_loss,
+                              "d_adv_loss": d_adv_loss}.items() if v is None]
+    if missing:
+        raise ValueError(f"adversarial training needs {', '.join(missing)}.")
+    kwargs["g_inferer"] = kwargs.pop("inferer", None) or ReconstructionInferer()
+    trainer = AdversarialTrainer(
+        device=device, max_epochs=max_epochs, train_data_loader=train_data_loader, g_network=network,
+        g_optimizer=optimizer, g_loss_function=g_adv_loss, recon_loss_function=loss_function, d_network=d_network,
+        d_optimizer=d_optimizer, d_loss_function=d_adv_loss, **kwargs,
+    )
+    for loss in (g_adv_loss, d_adv_loss):
+        if hasattr(loss, "attach"):
+            loss.attach(trainer)
+    return trainer
+
+
+class EncodeImaged(MapTransform):
+    """
+    Replaces images by the deterministic binary code of a frozen autoencoder (pre-encoding for stage 2; put it
+    before the cache boundary of a ``CacheDataset`` so each slice is encoded once). The code is returned on the CPU.
+
+    Args:
+        keys: image keys.
+        autoencoder: the frozen :class:`~berdiff.networks.BinaryAutoencoder`.
+        device: device to run the encoder on.
+        allow_missing_keys: don't raise for missing keys.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, autoencoder: nn.Module, device: torch.device | str = "cpu",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.autoencoder = autoencoder
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.autoencoder.eval()
+        for key in self.key_iterator(d):
+            image = torch.as_tensor(d[key]).float().unsqueeze(0).to(self.device)
+            d[key] = self.autoencoder.encode_stage_2_inputs(image)[0].cpu()
+        return d
+
+
+def load_weights(module: nn.Module, path: str | Sequence[str], key: str | None = None) -> nn.Module:
+    """
+    Loads a flat state dict (``torch.load(weights_only=True)``) into ``module`` (strict) and returns the module.
+
+    Args:
+        module: the network.
+        path: checkpoint file, or candidate files of which the first existing one is used.
+        key: optional entry of a nested checkpoint.
+    """
+    candidates = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    found = next((p for p in candidates if os.path.isfile(p)), None)
+    if found is None:
+        raise FileNotFoundError(f"checkpoint not found: {', '.join(map(str, candidates))} (train the earlier stage first).")
+    state = torch.load(found, map_location="cpu", weights_only=True)
+    if key is not None:
+        state = state[key]
+    module.load_state_dict(state)
+    return module
+
+
+def latest_checkpoint(ckpt_dir: str, prefix: str = "checkpoint") -> str:
+    """
+    The most recently written ``<prefix>*.pt`` in ``ckpt_dir`` (the file ``--resume True`` continues from).
+
+    Raises:
+        FileNotFoundError: when there is none.
+    """
+    files = glob.glob(os.path.join(glob.escape(os.fspath(ckpt_dir)), f"{prefix}*.pt"))
+    if not files:
+        raise FileNotFoundError(f"no '{prefix}*.pt' checkpoint to resume from in {ckpt_dir}.")
+    return max(files, key=lambda f: (os.path.getmtime(f), f))
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], path: str) -> None:
+    """Saves ``state`` with ``torch.save`` atomically (temporary file in the same folder, then rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".pt.tmp")
+    os.close(fd)
+    try:
+        torch.save(dict(state), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def export_pipeline(autoencoder: nn.Module, unet: nn.Module, path: str) -> None:
+    """Writes the flat :class:`AnomalyPipeline` state dict (keys ``autoencoder.*``, ``unet.*``; tensors only)."""
+    pipeline = AnomalyPipeline(autoencoder, unet)
+    state = {k: v.detach().cpu() for k, v in pipeline.state_dict().items()}
+    save_state_dict(state, path)
+
+
+class ExportPipeline:
+    """
+    Handler writing the combined ``models/model.pt`` (:func:`export_pipeline`) when the trainer completes.
+
+    Args:
+        autoencoder: the frozen stage-1 autoencoder.
+        unet: the denoiser to export (the EMA copy).
+        filepath: output file.
+        enabled: False to skip (e.g. on ranks other than 0).
+    """
+
+    def __init__(self, autoencoder: nn.Module, unet: nn.Module, filepath: str, enabled: bool = True) -> None:
+        self.autoencoder = autoencoder
+        self.unet = unet
+        self.filepath = filepath
+        self.enabled = enabled
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if self.enabled:
+            export_pipeline(self.autoencoder, self.unet, self.filepath)
+            engine.logger.info(f"wrote the combined pipeline weights to {self.filepath}")
