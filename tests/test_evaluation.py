@@ -114,6 +114,11 @@ class TestEvaluateFiles(unittest.TestCase):
         self.assertEqual(b["brain_mask"], "no")
         # default 5x5 / 5^3 medians on a 4-slice-thick box: still a good, imperfect score
         self.assertGreater(res["maps"]["anomaly"]["protocol_a"]["auroc"]["mean"], 0.9)
+        # a threshold calibrated on the raw map (the calibrate command's rule) is applied to the raw map
+        tfile.write_text(json.dumps({"threshold": 0.6, "rule": "anomaly_map > threshold (raw map)"}))
+        res_raw = self._run(threshold_file=str(tfile), out=str(out), figure=False)
+        self.assertTrue(res_raw["settings"]["protocol_b"]["threshold_applies_to"].startswith("raw"))
+        self.assertTrue(b["threshold_applies_to"].startswith("anomaly map after masking"))
         with self.assertRaisesRegex(ValueError, "either"):
             self._run(threshold=0.5, threshold_file=str(tfile))
         tfile.write_text(json.dumps({"fpr": 0.01}))

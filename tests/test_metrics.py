@@ -196,6 +196,17 @@ class TestProtocols(unittest.TestCase):
         high = per_volume_protocol(score, gt, threshold=5.0, median_size=1)
         self.assertEqual(high["dice"], 0.0)
 
+    def test_threshold_on_raw_or_processed_map(self):
+        gt = np.zeros((20, 20, 9), np.uint8)
+        gt[5:15, 5:15, 4] = 1  # a one-voxel-thick plate: the 3D median removes it
+        score = gt * 1.0
+        processed = per_volume_protocol(score, gt, threshold=0.5)
+        raw = per_volume_protocol(score, gt, threshold=0.5, threshold_on="raw")
+        self.assertEqual(processed["dice"], 0.0)
+        self.assertEqual(raw["dice"], 1.0)
+        with self.assertRaises(ValueError):
+            per_volume_protocol(score, gt, threshold=0.5, threshold_on="smoothed")
+
     def test_best_dice_matches_brute_force(self):
         rng = np.random.default_rng(3)
         gt = rng.random(300) < 0.2

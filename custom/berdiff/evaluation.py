@@ -30,10 +30,9 @@ import io
 import json
 import math
 import os
-import re
 import tempfile
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,8 @@ import nibabel as nib
 import numpy as np
 
 from berdiff.metrics import (
+    ThresholdMap,
+    _mean_std,
     brain_mask_from_image,
     per_slice_protocol,
     per_volume_protocol,
@@ -86,14 +87,6 @@ def _finite_or_none(x: Any) -> Any:
     if isinstance(x, np.bool_):
         return bool(x)
     return x
-
-
-def _mean_std(values: Sequence[float]) -> dict[str, float | int]:
-    arr = np.asarray(values, dtype=np.float64)
-    arr = arr[np.isfinite(arr)]
-    if arr.size == 0:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {"mean": float(arr.mean()), "std": float(arr.std()), "n": int(arr.size)}
 
 
 def _channel_first(x: np.ndarray | None, spatial: tuple[int, ...], what: str) -> np.ndarray | None:
@@ -168,6 +161,7 @@ def _score_case(
     detection_percentile: float,
     figure_channel: int,
     compute_psnr: bool,
+    threshold_on: str,
 ) -> dict:
     name = str(case.get("name", f"case_{index:03d}"))
     for key in ("score", "label"):
@@ -215,6 +209,7 @@ def _score_case(
             median_size=median_size_3d,
             erode=erode,
             min_component=min_component_3d,
+            threshold_on=threshold_on,
         )
         det_scores, det_labels = slice_statistics(vol, gt, mask=brain, axis=ax, percentile=detection_percentile)
         maps[map_name] = {"a": a, "b": b, "det": (det_scores, det_labels)}
@@ -286,6 +281,7 @@ def _settings(
     min_component_3d: int,
     erode: bool | int,
     detection_percentile: float,
+    threshold_on: str,
 ) -> dict:
     if all(used_mask) and used_mask:
         mask_rule = "yes (given, or from the image: any channel != 0, holes filled, largest component)"
@@ -310,7 +306,11 @@ def _settings(
             "median_filter": f"3D {median_size_3d}^3",
             "threshold": threshold,
             "threshold_source": threshold_source,
-            "threshold_applies_to": "anomaly map after masking and median filtering (not the latent flip map)",
+            "threshold_applies_to": (
+                "anomaly map after masking and median filtering (not the latent flip map)"
+                if threshold_on == ThresholdMap.PROCESSED
+                else "raw anomaly map inside the (eroded) brain mask, no median filter (not the latent flip map)"
+            ),
             "components": f"3D 26-connected components <= {min_component_3d} voxels removed before Dice",
             "best_dice": "per-volume oracle threshold, no component filter: an upper bound",
             "auroc_auprc_voxels": "inside the eroded brain mask when one is used, else all voxels",
@@ -414,6 +414,7 @@ def _evaluate(
     detection_percentile: float = 99.0,
     figure_channel: int = -1,
     compute_psnr: bool = True,
+    threshold_on: str = ThresholdMap.PROCESSED,
 ) -> tuple[dict, list[dict]]:
     """Score the cases; returns the metrics dict and the per-case results (see :func:`evaluate_arrays`)."""
     if threshold is not None:
@@ -422,6 +423,7 @@ def _evaluate(
             raise ValueError(f"threshold must be finite, got {threshold}.")
     if threshold_source is None:
         threshold_source = "given value" if threshold is not None else "none"
+    threshold_on = ThresholdMap(threshold_on)
     kwargs = dict(
         threshold=threshold,
         use_brain_mask=brain_mask,
@@ -434,6 +436,7 @@ def _evaluate(
         detection_percentile=detection_percentile,
         figure_channel=figure_channel,
         compute_psnr=compute_psnr,
+        threshold_on=threshold_on,
     )
     scored = [_score_case(case, i, **kwargs) for i, case in enumerate(cases)]
     if not scored:
@@ -460,6 +463,7 @@ def _evaluate(
             min_component_3d,
             erode,
             detection_percentile,
+            threshold_on,
         ),
         "per_case": rows,
     }
@@ -481,6 +485,7 @@ def evaluate_arrays(
     detection_percentile: float = 99.0,
     figure_channel: int = -1,
     compute_psnr: bool = True,
+    threshold_on: str = ThresholdMap.PROCESSED,
     out: str | os.PathLike | None = None,
     figure: bool = True,
 ) -> dict:
@@ -505,6 +510,8 @@ def evaluate_arrays(
         detection_percentile: per-slice statistic for slice-level detection.
         figure_channel: channel of 4D ``image``/``recon`` shown in the figure (-1: FLAIR in the bundle's order).
         compute_psnr: compute PSNR of ``recon`` against ``image`` (only meaningful when both share intensity space).
+        threshold_on: member of ``berdiff.metrics.ThresholdMap``: apply ``threshold`` to the processed (masked,
+            median-filtered; default) or the raw map; it must match how the threshold was calibrated.
         out: optional folder: ``metrics.json``, ``per_case.csv`` and ``figure.png`` are written there atomically.
         figure: write ``figure.png`` when ``out`` is given.
 
@@ -527,6 +534,7 @@ def evaluate_arrays(
         detection_percentile=detection_percentile,
         figure_channel=figure_channel,
         compute_psnr=compute_psnr,
+        threshold_on=threshold_on,
     )
     if out is not None:
         _write_outputs(result, scored, Path(out), figure)
@@ -776,6 +784,7 @@ def evaluate(
     median_size_3d: int = 5,
     min_component_3d: int = 7,
     erode: bool | int = True,
+    threshold_on: str | None = None,
     allow_missing_labels: bool = False,
     figure: bool = True,
     quiet: bool = False,
@@ -800,6 +809,9 @@ def evaluate(
         map_suffix, recon_suffix, flip_suffix, label_suffix: file name suffixes before ``.nii.gz``.
         brain_mask: ``None``: use a mask when ``image`` is given; ``True``: require ``image``; ``False``: never.
         axis: slicing axis for protocol A and detection (default last: axial in RAS).
+        threshold_on: ``"processed"`` or ``"raw"`` (``berdiff.metrics.ThresholdMap``): the map the threshold is
+            applied to. ``None``: ``"raw"`` when the threshold file's ``"rule"`` says it was calibrated on the raw map
+            (as ``python -m berdiff calibrate`` writes), else ``"processed"``.
         median_size_2d, min_component_2d, median_size_3d, min_component_3d, erode: see :func:`evaluate_arrays`.
         allow_missing_labels: skip (with a warning) maps that have no label instead of failing.
         figure: write ``figure.png``.
@@ -817,6 +829,10 @@ def evaluate(
         source = f"file {threshold_file}"
     elif threshold is not None:
         source = "given value"
+    if threshold_on is None:
+        raw_rule = "raw" in str(extra.get("rule", "")).lower()
+        threshold_on = ThresholdMap.RAW if raw_rule else ThresholdMap.PROCESSED
+    threshold_on = ThresholdMap(threshold_on)
     if brain_mask and image is None:
         raise ValueError("brain_mask=True needs the image folder (--image) to compute the mask from.")
     entries = find_cases(
@@ -843,6 +859,7 @@ def evaluate(
         min_component_3d=min_component_3d,
         erode=erode,
         compute_psnr=False,
+        threshold_on=threshold_on,
     )
     if extra:
         result["settings"]["threshold_file_content"] = extra

@@ -41,6 +41,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 __all__ = [
     "AreaRule",
+    "ThresholdMap",
     "best_dice",
     "brain_mask_from_image",
     "dice",
@@ -120,6 +121,19 @@ class AreaRule(StrEnum):
 
     AREA = "area"
     FILLED = "filled"
+
+
+class ThresholdMap(StrEnum):
+    """
+    Which map the fixed threshold of :func:`per_volume_protocol` is applied to.
+
+    processed: the masked, median-filtered map (Behrendt et al.; use thresholds calibrated on processed maps).
+    raw: the raw map inside the (eroded) brain mask, without median filter (use thresholds calibrated on raw maps,
+        e.g. by ``python -m berdiff calibrate``, whose rule is ``anomaly_map > threshold`` on the raw map).
+    """
+
+    PROCESSED = "processed"
+    RAW = "raw"
 
 
 def _as_binary(x: ArrayLike, name: str) -> np.ndarray:
@@ -541,11 +555,13 @@ def per_volume_protocol(
     erode: bool | int = True,
     min_component: int = 7,
     connectivity: int = 3,
+    threshold_on: str = ThresholdMap.PROCESSED,
 ) -> dict:
     """
     Protocol B (per volume, Behrendt et al.): :func:`volume_postprocess`, then
 
-    * ``dice``: Dice at the given ``threshold`` (``score > threshold``) after removing 3D components of
+    * ``dice``: Dice at the given ``threshold`` (``score > threshold`` on the map chosen by ``threshold_on``, inside
+      the eroded mask when one is given) after removing 3D components of
       ``<= min_component`` voxels (``connectivity`` 3 = 26-neighbourhood); ``NaN`` when no threshold is given or when
       both prediction and ground truth are empty;
     * ``best_dice``: oracle Dice over all thresholds (:func:`best_dice`, no component filter): an **upper bound**;
@@ -564,11 +580,14 @@ def per_volume_protocol(
         erode: see :func:`volume_postprocess`.
         min_component: 3D components of at most this many voxels are removed before Dice (7).
         connectivity: connectivity for the component filter (1..3).
+        threshold_on: member of :class:`ThresholdMap`: threshold the processed (default) or the raw map. It must
+            match how the threshold was calibrated.
 
     Returns:
         dict with ``dice``, ``best_dice``, ``best_threshold``, ``auroc``, ``auprc``, ``tumour_voxels``,
         ``predicted_voxels`` (``NaN``/0 where undefined).
     """
+    threshold_on = ThresholdMap(threshold_on)
     g = _as_binary(gt_volume, "gt_volume")
     s_raw = _to_numpy(score_volume, "score_volume")
     _check_same_shape(s_raw, g, "score_volume", "gt_volume")
@@ -577,7 +596,7 @@ def per_volume_protocol(
     if threshold is not None:
         if not np.isfinite(float(threshold)):
             raise ValueError(f"threshold must be finite, got {threshold}.")
-        pred = s > float(threshold)
+        pred = (s if threshold_on == ThresholdMap.PROCESSED else s_raw) > float(threshold)
         if mask is not None:
             pred &= mask
         pred = remove_small_components(pred, min_component, connectivity=connectivity)
