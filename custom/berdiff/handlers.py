@@ -1,0 +1,362 @@
+# Copyright (c) berdiff contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+"""Ignite handlers of the inference workflow: run summary with timing and memory, progress bar, error reporting."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Generator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import monai
+import torch
+from monai.utils import StrEnum
+
+from berdiff.io import atomic_write_json, case_name, check_checkpoint
+from berdiff.transforms import root_cause
+
+__all__ = [
+    "OnError",
+    "RunSummaryHandler",
+    "peak_memory_mb",
+    "inference_mode",
+    "run_evaluator",
+    "RUN_SUMMARY_FIELDS",
+    "CASE_FIELDS",
+]
+
+logger = logging.getLogger(__name__)
+
+#: top-level fields of ``run_summary.json``
+RUN_SUMMARY_FIELDS = (
+    "status",
+    "error",
+    "started_utc",
+    "finished_utc",
+    "wall_time_s",
+    "num_cases",
+    "num_slices",
+    "slices_per_s",
+    "device",
+    "device_name",
+    "memory_kind",
+    "peak_memory_mb",
+    "versions",
+    "settings",
+    "cases",
+)
+#: fields of each entry of ``run_summary.json["cases"]``
+CASE_FIELDS = (
+    "case",
+    "image",
+    "wall_time_s",
+    "load_time_s",
+    "inference_time_s",
+    "num_slices",
+    "num_head_slices",
+    "slices_per_s",
+    "peak_memory_mb",
+    "outputs",
+)
+
+
+class OnError(StrEnum):
+    """What :func:`run_evaluator` does when the run fails: ``raise`` the root cause, or ``exit`` with its message."""
+
+    RAISE = "raise"
+    EXIT = "exit"
+
+
+def _is_cuda(device: torch.device | str) -> bool:
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+def peak_memory_mb(device: torch.device | str) -> tuple[str, float]:
+    """
+    Peak memory in MiB: ``torch.cuda.max_memory_allocated`` on a CUDA device (since the last reset), otherwise the
+    process's peak resident set size (``resource.getrusage``, the peak over the process lifetime).
+
+    Args:
+        device: the inference device.
+
+    Returns:
+        ``(kind, MiB)`` with kind ``"cuda_max_allocated"`` or ``"process_max_rss"``.
+    """
+    if _is_cuda(device):
+        return "cuda_max_allocated", torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # kilobytes on Linux, bytes on macOS
+    return "process_max_rss", rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def _to_builtin(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _to_builtin(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_builtin(v) for v in value]
+    if isinstance(value, torch.device):
+        return str(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+class RunSummaryHandler:
+    """
+    Writes ``<output_dir>/<filename>`` (``run_summary.json``, atomically, after every case and at the end) and shows
+    a progress bar over cases (tqdm). Per case: wall time (loading + inference + post-processing and saving), its
+    parts, number of slices and of head (non-constant) slices, slices per second, peak memory, output files. Run
+    level: status (``running``, ``completed`` or ``failed`` with the error), totals, device, versions and the
+    ``settings`` given (L, P, K, preset, threshold, ...). Peak memory: see :func:`peak_memory_mb`.
+
+    Attach it as an evaluator handler (``val_handlers``); one case per iteration (``batch_size=1``).
+
+    Args:
+        output_dir: folder of the summary.
+        settings: run settings recorded as they are.
+        filename: summary file name.
+        image_key: image key in ``engine.state.batch``.
+        output_postfixes: postfixes of the files written per case (``<case>_<postfix><output_ext>``), listed under
+            ``outputs``.
+        output_ext: extension of the output files.
+        progress: show a tqdm progress bar over cases.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        settings: Mapping[str, Any] | None = None,
+        filename: str = "run_summary.json",
+        image_key: str = "image",
+        output_postfixes: Sequence[str] = ("anomaly", "anomaly_mask", "latent_flip"),
+        output_ext: str = ".nii.gz",
+        progress: bool = True,
+    ) -> None:
+        self.output_dir = os.fspath(output_dir)
+        self.path = os.path.join(self.output_dir, filename)
+        self.settings = _to_builtin(dict(settings or {}))
+        self.image_key = image_key
+        self.output_postfixes = tuple(output_postfixes)
+        self.output_ext = output_ext
+        self.progress = progress
+        self._bar: Any = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.summary: dict[str, Any] = {}
+        self._t_run = self._t_get = self._t_iter = 0.0
+
+    def attach(self, engine: Any) -> None:
+        """Registers the event handlers on an ignite engine."""
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.GET_BATCH_STARTED, self.get_batch_started)
+        engine.add_event_handler(Events.ITERATION_STARTED, self.iteration_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
+
+    def started(self, engine: Any) -> None:
+        self._reset()
+        device = torch.device(getattr(engine.state, "device", None) or "cpu")
+        if _is_cuda(device):
+            torch.cuda.reset_peak_memory_stats(device)
+        self._device_obj = device
+        self._t_run = time.perf_counter()
+        self.summary = {
+            "status": "running",
+            "error": None,
+            "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "finished_utc": None,
+            "wall_time_s": 0.0,
+            "num_cases": 0,
+            "num_slices": 0,
+            "slices_per_s": None,
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if _is_cuda(device) else platform.processor() or "cpu",
+            "memory_kind": peak_memory_mb(device)[0],
+            "peak_memory_mb": None,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__},
+            "settings": self.settings,
+            "cases": [],
+        }
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            total = None
+            try:
+                total = len(engine.data_loader)
+            except TypeError:
+                pass
+            self._bar = tqdm(total=total, desc="cases", unit="case", dynamic_ncols=True)
+        atomic_write_json(self.summary, self.path)
+
+    def get_batch_started(self, engine: Any) -> None:
+        self._t_get = time.perf_counter()
+        if _is_cuda(self._device_obj):
+            torch.cuda.reset_peak_memory_stats(self._device_obj)
+
+    def iteration_started(self, engine: Any) -> None:
+        self._t_iter = time.perf_counter()
+
+    def _image(self, engine: Any) -> Any:
+        batch = engine.state.batch
+        if isinstance(batch, (list, tuple)):  # decollated
+            batch = batch[0]
+        return batch[self.image_key] if isinstance(batch, Mapping) else batch
+
+    def iteration_completed(self, engine: Any) -> None:
+        now = time.perf_counter()
+        if _is_cuda(self._device_obj):
+            torch.cuda.synchronize(self._device_obj)
+        image = self._image(engine)
+        meta = getattr(image, "meta", {}) or {}
+        source = meta.get("filename_or_obj", f"case_{engine.state.iteration - 1}")
+        if isinstance(source, (list, tuple)) and source and isinstance(source[0], (list, tuple)):
+            source = source[0]
+        source = source[0] if isinstance(source, (list, tuple)) and len(source) == 1 else source
+        name = case_name(source)
+        img = torch.as_tensor(image).detach()
+        if img.ndim == 5:  # collated (1, C, H, W, D)
+            img = img[0]
+        flat = img.reshape(-1, img.shape[-1]) if img.ndim >= 2 else img.reshape(1, -1)
+        num_slices = int(img.shape[-1])
+        num_head = int((flat.amax(dim=0) > flat.amin(dim=0)).sum())
+        wall = now - self._t_get
+        _, mem = peak_memory_mb(self._device_obj)
+        case = {
+            "case": name,
+            "image": _to_builtin(source),
+            "wall_time_s": round(wall, 4),
+            "load_time_s": round(self._t_iter - self._t_get, 4),
+            "inference_time_s": round(now - self._t_iter, 4),
+            "num_slices": num_slices,
+            "num_head_slices": num_head,
+            "slices_per_s": round(num_slices / wall, 3) if wall > 0 else None,
+            "peak_memory_mb": round(mem, 1),
+            "outputs": [f"{name}_{p}{self.output_ext}" for p in self.output_postfixes],
+        }
+        self.summary["cases"].append(case)
+        self._update_totals(now)
+        atomic_write_json(self.summary, self.path)
+        if self._bar is not None:
+            self._bar.set_postfix(case=name, slices_per_s=case["slices_per_s"])
+            self._bar.update(1)
+
+    def _update_totals(self, now: float) -> None:
+        cases = self.summary["cases"]
+        self.summary["wall_time_s"] = round(now - self._t_run, 4)
+        self.summary["num_cases"] = len(cases)
+        self.summary["num_slices"] = sum(c["num_slices"] for c in cases)
+        total = sum(c["wall_time_s"] for c in cases)
+        self.summary["slices_per_s"] = round(self.summary["num_slices"] / total, 3) if total > 0 else None
+        mems = [c["peak_memory_mb"] for c in cases]
+        self.summary["peak_memory_mb"] = max(mems) if mems else round(peak_memory_mb(self._device_obj)[1], 1)
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def completed(self, engine: Any) -> None:
+        self._close()
+        self._update_totals(time.perf_counter())
+        self.summary["status"] = "completed"
+        self.summary["finished_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        atomic_write_json(self.summary, self.path)
+        logger.info(
+            f"inference done: {self.summary['num_cases']} case(s), {self.summary['num_slices']} slices, "
+            f"{self.summary['slices_per_s']} slices/s; summary: {self.path}"
+        )
+
+    def exception_raised(self, engine: Any, e: BaseException) -> None:
+        """Records the failure (root cause) in the summary, then re-raises the root cause."""
+        self._close()
+        cause = root_cause(e)
+        if self.summary:
+            self._update_totals(time.perf_counter())
+            self.summary["status"] = "failed"
+            self.summary["error"] = f"{type(cause).__name__}: {cause}"
+            self.summary["finished_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            atomic_write_json(self.summary, self.path)
+        raise cause
+
+
+@contextmanager
+def inference_mode(*nets: torch.nn.Module) -> Generator[list, None, None]:
+    """
+    Like ``monai.networks.utils.eval_mode`` (networks in eval mode, restored afterwards) but under
+    ``torch.inference_mode`` instead of ``torch.no_grad``; usable as an engine's ``mode``.
+
+    Args:
+        nets: networks to put in eval mode.
+    """
+    training = [n for n in nets if getattr(n, "training", False)]
+    try:
+        with torch.inference_mode():
+            yield [n.eval() if hasattr(n, "eval") else n for n in nets]
+    finally:
+        for n in training:
+            n.train()
+
+
+def run_evaluator(
+    evaluator: Any,
+    ckpt_path: str | None = None,
+    allow_random_weights: bool = False,
+    on_error: str = OnError.EXIT,
+    use_inference_mode: bool = True,
+) -> Any:
+    """
+    Runs an evaluator (the bundle's ``run`` step): checks the model weights first (:func:`berdiff.io.
+    check_checkpoint`), and on failure reports the root cause of the error (the clear ``ValueError`` of an input check
+    rather than MONAI's ``RuntimeError("applying transform ...")`` wrapper).
+
+    Args:
+        evaluator: the ``SupervisedEvaluator``.
+        ckpt_path: the model weights; None skips the check.
+        allow_random_weights: allow a missing ``ckpt_path`` (tests, debugging).
+        on_error: an :class:`OnError`: ``exit`` prints ``error: <root cause>`` and exits with status 1 without a
+            stack trace (command line), ``raise`` raises the root cause (Python API).
+        use_inference_mode: run the network under :func:`inference_mode` (``torch.inference_mode``) instead of
+            the evaluator's default ``no_grad`` context.
+
+    Returns:
+        the evaluator's state.
+    """
+    if on_error not in OnError.__members__.values():
+        raise ValueError(f"on_error must be one of {list(OnError.__members__.values())}, got {on_error!r}.")
+    if use_inference_mode:
+        evaluator.mode = inference_mode
+    try:
+        if ckpt_path is not None and not check_checkpoint(ckpt_path, allow_random_weights):
+            logger.warning(f"model weights {ckpt_path} not found: running with RANDOM weights (allow_random_weights).")
+        evaluator.run()
+    except Exception as e:
+        cause = root_cause(e)
+        if on_error == OnError.EXIT:
+            logger.error(f"inference failed: {type(cause).__name__}: {cause}")
+            raise SystemExit(f"error: {cause}") from None
+        if cause is e:
+            raise
+        raise cause from None
+    return evaluator.state
