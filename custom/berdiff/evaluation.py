@@ -393,7 +393,8 @@ def _figure_png(scored: list[dict], rank_key: str) -> bytes:
                 ax.set_title(title)
             if k == 0:
                 value = c["row"].get(rank_key, float("nan"))
-                ax.set_ylabel(f"{tag}: {c['row']['case']}\nDice {value:.3f}, slice {c['figure']['slice']}", fontsize=8)
+                label = f"{tag}: {c['row']['case']}\nDice_A {value:.3f}, slice {c['figure']['slice']}"
+                ax.set_ylabel(label, fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
