@@ -1,0 +1,284 @@
+# Copyright (c) berdiff contributors
+# Licensed under the Apache License, Version 2.0 (the "License").
+"""The brain MRI bundle's configs/inference.yaml, run through monai.bundle with a tiny random model."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import nibabel as nib
+import numpy as np
+import torch
+from parameterized import parameterized
+
+from berdiff.handlers import CASE_FIELDS, RUN_SUMMARY_FIELDS
+from berdiff.networks import AnomalyPipeline, autoencoder_from_preset, denoiser_from_preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BUNDLE = os.path.join(ROOT, "bundles", "brats_mri_bernoulli_anomaly")
+CONFIG = os.path.join(BUNDLE, "configs", "inference.yaml")
+MODALITIES = ("t1", "t1ce", "t2", "flair")
+SHAPE = (30, 28, 6)
+#: permuted axes (L, I, A), anisotropic spacing, offset origin
+NON_RAS_AFFINE = np.array([[-1.2, 0, 0, 10.0], [0, 0, 2.5, -5.0], [0, -0.9, 0, 3.0], [0, 0, 0, 1.0]])
+#: head region of the synthetic volumes (axis 1 is the axial axis of NON_RAS_AFFINE)
+HEAD = (slice(5, 25), slice(4, 24), slice(1, 5))
+
+
+def make_model(folder: str) -> str:
+    """A tiny random AnomalyPipeline saved as <folder>/models/model.pt."""
+    torch.manual_seed(0)
+    pipe = AnomalyPipeline(autoencoder_from_preset("tiny", in_channels=4), denoiser_from_preset("tiny"))
+    path = os.path.join(folder, "models", "model.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(pipe.state_dict(), path)
+    return path
+
+
+def make_case(folder: str, case: str, affine: np.ndarray = np.eye(4), seed: int = 0, value: np.ndarray | None = None):
+    """A BraTS-layout case <folder>/<case>/<case>_<modality>.nii.gz: random head voxels in a zero background."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(folder, case), exist_ok=True)
+    files = []
+    for m in MODALITIES:
+        vol = np.zeros(SHAPE, np.float32)
+        if value is None:
+            vol[HEAD] = rng.random(vol[HEAD].shape) + 1.0
+        else:
+            vol[...] = value
+        files.append(os.path.join(folder, case, f"{case}_{m}.nii.gz"))
+        nib.save(nib.Nifti1Image(vol, affine), files[-1])
+    return files
+
+
+def overrides(tmp: str, **kwargs) -> dict:
+    out = {
+        "bundle_root": BUNDLE,
+        "ckpt_path": os.path.join(tmp, "models", "model.pt"),
+        "output_dir": os.path.join(tmp, "out"),
+        "preset": "tiny",
+        "spatial_size": [32, 32],
+        "noise_level": 4,
+        "num_inference_steps": 2,
+        "sw_batch_size": 4,
+        "on_error": "raise",
+        "progress": False,
+        "device": "cpu",
+    }
+    out.update(kwargs)
+    return out
+
+
+def run_workflow(tmp: str, **kwargs):
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(config_file=CONFIG, workflow_type="infer", **overrides(tmp, **kwargs))
+    wf.initialize()
+    missing = wf.check_properties()
+    wf.run()
+    wf.finalize()
+    return wf, missing
+
+
+def assert_raises_cause(test: unittest.TestCase, exc_type: type, regex: str, func, *args, **kwargs) -> None:
+    """``func`` fails with ``exc_type`` matching ``regex``, directly or as the cause of monai.bundle's
+    ``RuntimeError("Failed to evaluate ...")`` wrapper of config expressions; the cause is not MONAI's
+    ``RuntimeError("applying transform ...")``."""
+    with test.assertRaises(Exception) as ctx:
+        func(*args, **kwargs)
+    err = ctx.exception
+    if not isinstance(err, exc_type) and isinstance(err, RuntimeError) and "Failed to evaluate" in str(err):
+        err = err.__cause__
+    test.assertIsInstance(err, exc_type, repr(err))
+    test.assertRegex(str(err), regex)
+
+
+def nifti_outputs(folder: str) -> list[str]:
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.nii*")))
+
+
+class TestBratsInference(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls._tmp = tempfile.TemporaryDirectory()
+        cls.tmp = cls._tmp.name
+        make_model(cls.tmp)
+        cls.data = os.path.join(cls.tmp, "data")
+        make_case(cls.data, "BraTS_001", np.eye(4), seed=1)
+        make_case(cls.data, "BraTS_002", NON_RAS_AFFINE, seed=2)
+        cls.wf, cls.missing = run_workflow(cls.tmp, dataset_dir=cls.data)
+        cls.out = os.path.join(cls.tmp, "out")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tmp.cleanup()
+
+    def test_properties_and_ids(self):
+        self.assertFalse(self.missing, f"missing infer properties: {self.missing}")
+        for key in ("network_def", "preprocessing", "inferer", "postprocessing", "device", "bundle_root",
+                    "dataset_dir", "dataset", "evaluator", "displayable_configs", "inference", "run"):
+            self.assertIn(key, self.wf.parser.config, key)
+        targets = [t["_target_"] for t in self.wf.parser.config["postprocessing"]["transforms"]]
+        self.assertIn("Invertd", targets)
+        self.assertLess(targets.index("Invertd"), targets.index("SaveImaged"))
+
+    def test_three_maps_per_case_named_by_case(self):
+        self.assertEqual(
+            nifti_outputs(self.out),
+            sorted(f"BraTS_00{i}_{p}.nii.gz" for i in (1, 2) for p in ("anomaly", "anomaly_mask", "latent_flip")),
+        )
+        self.assertEqual([f for f in os.listdir(self.out) if f.startswith(".")], [], "temporary files left")
+
+    @parameterized.expand([("BraTS_001", np.eye(4)), ("BraTS_002", NON_RAS_AFFINE)])
+    def test_geometry_and_dtypes(self, case, affine):
+        ref = nib.load(os.path.join(self.data, case, f"{case}_t1.nii.gz"))
+        for postfix, dtype in (("anomaly", np.float32), ("anomaly_mask", np.uint8), ("latent_flip", np.float32)):
+            img = nib.load(os.path.join(self.out, f"{case}_{postfix}.nii.gz"))
+            self.assertEqual(img.shape, SHAPE)
+            np.testing.assert_allclose(img.affine, ref.affine, atol=1e-5)
+            np.testing.assert_allclose(img.affine, affine, atol=1e-5)
+            self.assertEqual(img.get_data_dtype(), dtype)
+        mask = np.asarray(nib.load(os.path.join(self.out, f"{case}_anomaly_mask.nii.gz")).dataobj)
+        self.assertTrue(set(np.unique(mask)) <= {0, 1})
+        # the axial (RAS z) axis is the last voxel axis for the identity affine and axis 1 for NON_RAS_AFFINE:
+        # the pipeline skips constant axial slices, so the map is zero exactly there -> checks orientation handling
+        amap = nib.load(os.path.join(self.out, f"{case}_anomaly.nii.gz")).get_fdata()
+        axial = 2 if case == "BraTS_001" else 1
+        per_slice = np.moveaxis(amap, axial, 0).reshape(SHAPE[axial], -1).max(axis=1)
+        head = np.zeros(SHAPE[axial], bool)
+        head[HEAD[axial]] = True
+        self.assertTrue(np.all(per_slice[~head] == 0))
+        self.assertTrue(np.all(per_slice[head] > 0))
+        self.assertTrue(np.all(mask[~np.broadcast_to(np.expand_dims(head, [a for a in range(3) if a != axial]), SHAPE)] == 0))
+
+    def test_run_summary(self):
+        with open(os.path.join(self.out, "run_summary.json")) as f:
+            summary = json.load(f)
+        self.assertEqual(tuple(summary), RUN_SUMMARY_FIELDS)
+        self.assertEqual(summary["status"], "completed")
+        self.assertEqual(summary["num_cases"], 2)
+        self.assertEqual(summary["num_slices"], SHAPE[2] + SHAPE[1])  # axial: voxel axis 2 (identity), axis 1 (non-RAS)
+        self.assertEqual(summary["device"], "cpu")
+        self.assertEqual(summary["memory_kind"], "process_max_rss")
+        self.assertGreater(summary["peak_memory_mb"], 10)
+        self.assertEqual(summary["settings"]["threshold"]["mode"], "protocol_a")
+        self.assertEqual(summary["settings"]["noise_level"], 4)
+        self.assertEqual(summary["settings"]["num_inference_steps"], 2)
+        for case in summary["cases"]:
+            self.assertEqual(tuple(case), CASE_FIELDS)
+            self.assertGreater(case["wall_time_s"], 0)
+            self.assertAlmostEqual(case["slices_per_s"], case["num_slices"] / case["wall_time_s"], delta=0.01 * case["slices_per_s"] + 1e-3)
+            for name in case["outputs"]:
+                self.assertTrue(os.path.isfile(os.path.join(self.out, name)), name)
+        self.assertEqual([c["num_head_slices"] for c in summary["cases"]], [4, 20])
+
+    def test_pred_is_binary_mask_for_monai_label(self):
+        pred = self.wf.evaluator.state.output[0]["pred"]
+        mask = self.wf.evaluator.state.output[0]["anomaly_mask"]
+        self.assertEqual(pred.shape[0], 1)
+        self.assertEqual(pred.dtype, torch.uint8)
+        torch.testing.assert_close(torch.as_tensor(pred), torch.as_tensor(mask))
+
+
+class TestBratsInferenceOptions(unittest.TestCase):
+    def setUp(self):
+        self._tmp = tempfile.TemporaryDirectory()
+        self.tmp = self._tmp.name
+        make_model(self.tmp)
+        self.out = os.path.join(self.tmp, "out")
+
+    def tearDown(self):
+        self._tmp.cleanup()
+
+    def test_single_four_channel_nifti_calibrated_threshold_and_reconstruction(self):
+        rng = np.random.default_rng(3)
+        vol = np.zeros((*SHAPE, 4), np.float32)
+        vol[HEAD] = rng.random(vol[HEAD].shape) + 1
+        path = os.path.join(self.tmp, "case7.nii.gz")
+        nib.save(nib.Nifti1Image(vol, NON_RAS_AFFINE), path)
+        threshold_file = os.path.join(self.tmp, "calibration.json")
+        with open(threshold_file, "w") as f:
+            json.dump({"threshold": 0.05, "rule": "anomaly_map > threshold (raw map)"}, f)
+        wf, _ = run_workflow(
+            self.tmp, image=path, threshold_file=threshold_file, save_reconstruction=True,
+            displayable_configs={"binarize_output": False},
+        )
+        self.assertEqual(
+            nifti_outputs(self.out),
+            [f"case7_{p}.nii.gz" for p in ("anomaly", "anomaly_mask", "latent_flip", "reconstruction")],
+        )
+        amap = nib.load(os.path.join(self.out, "case7_anomaly.nii.gz")).get_fdata(dtype=np.float32)
+        mask = np.asarray(nib.load(os.path.join(self.out, "case7_anomaly_mask.nii.gz")).dataobj)
+        np.testing.assert_array_equal(mask, (amap > 0.05).astype(np.uint8))
+        self.assertGreater(mask.sum(), 0)
+        recon = nib.load(os.path.join(self.out, "case7_reconstruction.nii.gz"))
+        self.assertEqual(recon.shape, (*SHAPE, 4))
+        np.testing.assert_allclose(recon.affine, NON_RAS_AFFINE, atol=1e-5)
+        # continuous pred when binarize_output is off
+        self.assertTrue(torch.is_floating_point(torch.as_tensor(wf.evaluator.state.output[0]["pred"])))
+        with open(os.path.join(self.out, "run_summary.json")) as f:
+            threshold = json.load(f)["settings"]["threshold"]
+        self.assertEqual((threshold["mode"], threshold["value"]), ("calibrated", 0.05))
+
+    def test_all_zero_volume_gives_zero_maps(self):
+        files = make_case(os.path.join(self.tmp, "data"), "empty", value=0.0)
+        run_workflow(self.tmp, image=files)
+        for p in ("anomaly", "anomaly_mask", "latent_flip"):
+            img = nib.load(os.path.join(self.out, f"empty_{p}.nii.gz"))
+            self.assertEqual(img.shape, SHAPE)
+            self.assertEqual(float(np.abs(img.get_fdata()).max()), 0.0)
+
+    @parameterized.expand([("nan",), ("three_channels",), ("missing_file",)])
+    def test_bad_input_clear_error_and_no_output(self, kind):
+        files = make_case(os.path.join(self.tmp, "data"), "bad", seed=4)
+        if kind == "nan":
+            img = nib.load(files[2])
+            data = img.get_fdata(dtype=np.float32)
+            data[10, 10, 2] = np.nan
+            nib.save(nib.Nifti1Image(data, img.affine), files[2])
+            expected = "NaN"
+        elif kind == "three_channels":
+            files = files[:3]
+            expected = "expected 4 channels"
+        else:
+            files[1] = files[1].replace("t1ce", "t1c")
+            expected = "image file not found"
+        assert_raises_cause(self, ValueError, expected, run_workflow, self.tmp, image=files)
+        self.assertEqual(nifti_outputs(self.out), [])
+        with open(os.path.join(self.out, "run_summary.json")) as f:
+            summary = json.load(f)
+        self.assertEqual(summary["status"], "failed")
+        self.assertIn(expected, summary["error"])
+
+    def test_missing_weights(self):
+        files = make_case(os.path.join(self.tmp, "data"), "c", seed=5)
+        missing = os.path.join(self.tmp, "nothing", "model.pt")
+        assert_raises_cause(
+            self, FileNotFoundError, "model weights not found", run_workflow, self.tmp, image=files, ckpt_path=missing
+        )
+        self.assertFalse(os.path.exists(self.out) and nifti_outputs(self.out))
+        run_workflow(self.tmp, image=files, ckpt_path=missing, allow_random_weights=True)
+        self.assertEqual(len(nifti_outputs(self.out)), 3)
+
+    def test_cli_prints_root_cause_without_traceback(self):
+        files = make_case(os.path.join(self.tmp, "data"), "cli", seed=6)
+        cmd = [
+            sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", CONFIG,
+            "--image", repr(files[:3]), "--output_dir", self.out, "--ckpt_path", os.path.join(self.tmp, "models", "model.pt"),
+            "--preset", "tiny", "--spatial_size", "[32, 32]", "--noise_level", "2", "--progress", "False",
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=BUNDLE, timeout=120)
+        self.assertEqual(proc.returncode, 1, proc.stderr[-2000:])
+        self.assertIn("error: expected 4 channels under 'image', got 3", proc.stderr)
+        self.assertNotIn("Traceback", proc.stdout + proc.stderr)
+        self.assertEqual(nifti_outputs(self.out), [])
+
+
+if __name__ == "__main__":
+    unittest.main()
