@@ -1,0 +1,873 @@
+# Copyright (c) berdiff contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+"""
+One harness for masked Bernoulli diffusion and its baselines on folders of 2D images
+(``python -m berdiff benchmark --train_dir HEALTHY_DIR --test_dir PAIRS_DIR --out OUT_DIR [--methods ...]``).
+
+What it does, in order:
+
+1. reads the healthy training images (PNG or NIfTI), scales them to [0, 1] and pads + resizes them to ``size``;
+2. reads the test pairs ``PAIRS_DIR/images/<name>`` + ``PAIRS_DIR/labels/<name>`` (label > 0 anomalous) and the
+   optional healthy images ``PAIRS_DIR/healthy/<name>`` (without a test folder, a lesion set is generated from the
+   IXI validation images with :func:`berdiff.data.lesions.make_lesions`);
+3. splits the test names with a seeded permutation into a **tuning** split and a held-out **test** split;
+4. trains (or loads from ``OUT_DIR/checkpoints``, keyed by a hash of the training-file listing and the training
+   settings) the binary autoencoder, the Bernoulli denoiser on its codes and an image-space Gaussian DDPM, each with
+   MONAI's ``SupervisedTrainer``;
+5. tunes, on the tuning split only, (L, P) and then K of masked Bernoulli diffusion, L of the unmasked variant and of
+   the DDPM, and the best global threshold on protocol A's soft map for every method;
+6. scores every method at its tuned settings on the test split (protocol A of ``docs/evaluation.md``: Dice at the
+   fixed 0.5 threshold, Dice at the tuned threshold, per-slice oracle Dice, pixel AUROC/AUPRC, slice-level detection
+   AUROC against the healthy images), times it on single slices (median) with its peak memory, and
+7. writes ``OUT_DIR/results.json`` and ``OUT_DIR/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from monai.data import DataLoader
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import DiffusionPrepareBatch
+from monai.inferers import DiffusionInferer
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDPMScheduler
+from monai.utils import CommonKeys, StrEnum
+
+from berdiff.baselines import AutoencoderReconstructionInferer, GaussianPartialNoisingInferer
+from berdiff.data.images2d import brain_mask, list_images, load_folder, read_image, resize_label, stem
+from berdiff.engines import BernoulliPrepareBatch
+from berdiff.inferers import MaskedBernoulliInferer
+from berdiff.losses import AutoencoderLoss
+from berdiff.metrics import (
+    AreaRule,
+    best_dice,
+    dice,
+    pixel_auprc,
+    pixel_auroc,
+    psnr,
+    reference_slice_postprocess,
+    remove_small_components,
+    slice_detection_auroc,
+)
+from berdiff.networks import autoencoder_from_preset, denoiser_from_preset
+from berdiff.schedulers import BernoulliScheduler
+
+__all__ = ["Method", "DEFAULT_DATA_DIR", "benchmark", "cache_key", "render_markdown"]
+
+#: the IXI slices, relative to the repository root
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "ixi_t1_midaxial"
+
+#: threshold grid on protocol A's soft map for "Dice at the tuned threshold"
+THRESHOLD_GRID = np.round(np.arange(0.05, 1.0, 0.05), 2)
+
+
+class Method(StrEnum):
+    """
+    Benchmarked methods.
+
+    ae: reconstruction error of the binary autoencoder alone.
+    unmasked: Bernoulli diffusion partial denoising of the code without the mask.
+    masked: masked Bernoulli diffusion (this project's method).
+    ddpm: image-space Gaussian DDPM partial noising + DDIM denoising.
+    """
+
+    AE = "ae"
+    UNMASKED = "unmasked"
+    MASKED = "masked"
+    DDPM = "ddpm"
+
+
+METHOD_LABELS = {
+    Method.AE: "AE (binary autoencoder only)",
+    Method.UNMASKED: "Bernoulli diffusion, unmasked",
+    Method.MASKED: "Bernoulli diffusion, masked (ours)",
+    Method.DDPM: "Gaussian DDPM (image space)",
+}
+
+
+def _log(msg: str) -> None:
+    print(f"[benchmark {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def cache_key(files: Sequence[str | os.PathLike], settings: dict[str, Any]) -> str:
+    """
+    A short hash of a training-file listing (names and byte sizes) and the training settings: checkpoints are reused
+    exactly when both are unchanged.
+    """
+    listing = [(Path(f).name, Path(f).stat().st_size) for f in files]
+    blob = json.dumps({"files": listing, "settings": settings}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _load_pairs(test_dir: Path, size: int) -> dict[str, Any]:
+    img_dir, lab_dir = test_dir / "images", test_dir / "labels"
+    if not img_dir.is_dir() or not lab_dir.is_dir():
+        raise FileNotFoundError(f"test folder {str(test_dir)!r} must hold 'images/' and 'labels/' sub-folders.")
+    images, names = load_folder(img_dir, size)
+    labels_by = {stem(p): p for p in list_images(lab_dir)}
+    missing = [n for n in names if n not in labels_by]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image(s) in {str(img_dir)!r} have no label in {str(lab_dir)!r}, e.g. {missing[:3]}.")
+    labels = np.stack([resize_label(read_image(labels_by[n]), size) for n in names])
+    healthy_images, healthy_names = np.zeros((0, size, size), np.float32), []
+    if (test_dir / "healthy").is_dir():
+        healthy_images, healthy_names = load_folder(test_dir / "healthy", size)
+    # images without any anomalous pixel are healthy images too
+    empty = [i for i in range(len(names)) if not labels[i].any()]
+    if empty:
+        healthy_images = np.concatenate([healthy_images, images[empty]])
+        healthy_names = healthy_names + [f"{names[i]}" for i in empty]
+        keep = [i for i in range(len(names)) if labels[i].any()]
+        images, labels, names = images[keep], labels[keep], [names[i] for i in keep]
+    if len(names) < 2:
+        raise ValueError(f"the test folder {str(test_dir)!r} needs at least 2 images with anomalies, got {len(names)}.")
+    return {"images": images, "labels": labels, "names": names, "healthy": healthy_images, "healthy_names": healthy_names}
+
+
+def _split(pairs: dict[str, Any], tune_fraction: float, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    names = pairs["names"]
+    n = len(names)
+    n_tune = min(n - 1, max(1, int(round(tune_fraction * n))))
+    perm = np.random.default_rng(seed).permutation(n)
+    tune_idx, test_idx = np.sort(perm[:n_tune]), np.sort(perm[n_tune:])
+    tune_names = {names[i] for i in tune_idx}
+    # a healthy image goes with its lesion image's split; other healthy images are split with the same fraction
+    h_names = pairs["healthy_names"]
+    h_perm = np.random.default_rng(seed + 1).permutation(len(h_names))
+    h_tune = {int(i) for i in h_perm[: int(round(tune_fraction * len(h_names)))]}
+    is_tune = [(h in tune_names) if h in set(names) else (i in h_tune) for i, h in enumerate(h_names)]
+
+    def subset(idx: np.ndarray, h_mask: list[bool]) -> dict[str, Any]:
+        hi = [i for i, m in enumerate(h_mask) if m]
+        return {
+            "images": pairs["images"][idx],
+            "labels": pairs["labels"][idx],
+            "names": [names[i] for i in idx],
+            "healthy": pairs["healthy"][hi] if hi else np.zeros((0, *pairs["images"].shape[1:]), np.float32),
+            "healthy_names": [h_names[i] for i in hi],
+        }
+
+    return subset(tune_idx, is_tune), subset(test_idx, [not t for t in is_tune])
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def _fit(
+    network: nn.Module,
+    loss_function: Callable,
+    data: list[dict[str, torch.Tensor]],
+    iterations: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: torch.device,
+    name: str,
+    inferer: Any = None,
+    prepare_batch: Callable | None = None,
+    max_seconds: float | None = None,
+) -> dict[str, Any]:
+    """Train ``network`` with MONAI's ``SupervisedTrainer`` for ``iterations`` iterations (or ``max_seconds``)."""
+    torch.manual_seed(seed)
+    loader = DataLoader(
+        data,
+        batch_size=min(batch_size, len(data)),
+        shuffle=True,
+        drop_last=True,
+        num_workers=0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    kwargs: dict[str, Any] = {}
+    if inferer is not None:
+        kwargs["inferer"] = inferer
+    if prepare_batch is not None:
+        kwargs["prepare_batch"] = prepare_batch
+    trainer = SupervisedTrainer(
+        device=device,
+        max_epochs=max(1, math.ceil(iterations / len(loader))),
+        train_data_loader=loader,
+        network=network,
+        optimizer=torch.optim.Adam(network.parameters(), lr=lr),
+        loss_function=loss_function,
+        decollate=False,
+        **kwargs,
+    )
+    losses: list[float] = []
+    start = time.perf_counter()
+    from ignite.engine import Events
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _track(engine: Any) -> None:
+        losses.append(float(engine.state.output[CommonKeys.LOSS].detach()))
+        it = engine.state.iteration
+        if it % 25 == 0 or it == 1:
+            _log(f"{name}: iteration {it}/{iterations}, loss {np.mean(losses[-25:]):.4f}, {time.perf_counter() - start:.0f} s")
+        if it >= iterations or (max_seconds is not None and time.perf_counter() - start > max_seconds):
+            engine.terminate()
+
+    network.train()
+    trainer.run()
+    network.eval()
+    return {
+        "iterations": int(trainer.state.iteration),
+        "train_seconds": time.perf_counter() - start,
+        "final_loss": float(np.mean(losses[-25:])) if losses else float("nan"),
+    }
+
+
+def _cached(
+    path: Path, network: nn.Module, train: Callable[[], dict[str, Any]], settings: dict[str, Any]
+) -> dict[str, Any]:
+    if path.is_file():
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        network.load_state_dict(ckpt["state_dict"])
+        network.eval()
+        _log(f"reusing checkpoint {path.name}")
+        return {**ckpt["info"], "cached": True}
+    info = train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"state_dict": network.state_dict(), "info": info, "settings": settings}, tmp)
+    os.replace(tmp, path)
+    return {**info, "cached": False}
+
+
+def _n_params(*modules: nn.Module) -> int:
+    return int(sum(p.numel() for m in modules for p in m.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------------- inference
+
+
+class _PeakMemory:
+    """Peak memory increase over a block: CUDA allocator peak on GPU, sampled resident set size on CPU (Linux)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_mib = float("nan")
+
+    @staticmethod
+    def _rss() -> int | None:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def __enter__(self) -> _PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._base = self._rss()
+        self._peak = self._base
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                rss = self._rss()
+                if rss is not None and self._peak is not None:
+                    self._peak = max(self._peak, rss)
+                time.sleep(0.002)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+            return
+        self._stop.set()
+        self._thread.join()
+        rss = self._rss()
+        if self._base is not None and rss is not None and self._peak is not None:
+            self.peak_mib = (max(self._peak, rss) - self._base) / 2**20
+
+
+RunFn = Callable[[torch.Tensor, Sequence[int]], dict[str, torch.Tensor]]
+
+
+def _generators(indices: Sequence[int], seed: int, device: torch.device) -> list[torch.Generator]:
+    return [torch.Generator(device=device).manual_seed(int(seed) * 100_003 + int(i)) for i in indices]
+
+
+def _run(fn: RunFn, images: np.ndarray, batch_size: int, device: torch.device, offset: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+    """Anomaly maps and reconstructions (N, H, W) of ``images`` and the wall time."""
+    maps, recons = [], []
+    start = time.perf_counter()
+    for b in range(0, len(images), batch_size):
+        x = torch.as_tensor(images[b : b + batch_size], dtype=torch.float32, device=device)[:, None]
+        out = fn(x, list(range(offset + b, offset + b + len(x))))
+        maps.append(out["anomaly_map"][:, 0].cpu().numpy())
+        recons.append(out["reconstruction"][:, 0].cpu().numpy())
+    seconds = time.perf_counter() - start
+    if not maps:
+        shape = (0, *images.shape[1:])
+        return np.zeros(shape, np.float32), np.zeros(shape, np.float32), seconds
+    return np.concatenate(maps), np.concatenate(recons), seconds
+
+
+def _time(fn: RunFn, images: np.ndarray, n: int, device: torch.device) -> dict[str, Any]:
+    """Median seconds per slice over ``n`` single-slice runs (after one warm-up) and the peak memory of those runs."""
+    x_all = torch.as_tensor(images[: max(1, n)], dtype=torch.float32, device=device)[:, None]
+    fn(x_all[:1], [0])  # warm-up
+    times, peaks = [], []
+    for i in range(max(1, n)):
+        x = x_all[i % len(x_all)][None]
+        with _PeakMemory(device) as mem:
+            start = time.perf_counter()
+            fn(x, [i])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+        peaks.append(mem.peak_mib)
+    finite = [p for p in peaks if math.isfinite(p)]
+    return {
+        "seconds_per_slice": float(statistics.median(times)),
+        "seconds_all": times,
+        "peak_memory_mib": float(statistics.median(finite)) if finite else float("nan"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    return float(arr.mean()) if arr.size else float("nan")
+
+
+def _protocol_a(maps: np.ndarray, labels: np.ndarray, min_component: int) -> dict[str, Any]:
+    """Protocol A per slice (no brain mask, 5x5 median, p1/p99 clip, min-max, > 0.5, components <= 15 px removed)."""
+    d_fixed, d_oracle, aurocs, auprcs = [], [], [], []
+    d_grid = np.zeros((len(maps), len(THRESHOLD_GRID)))
+    for i, (m, g) in enumerate(zip(maps, labels)):
+        prob, binary = reference_slice_postprocess(m, min_component=min_component)
+        d_fixed.append(dice(binary, g))
+        aurocs.append(pixel_auroc(prob, g))
+        auprcs.append(pixel_auprc(prob, g))
+        d_oracle.append(best_dice(prob, g)[0])
+        for j, t in enumerate(THRESHOLD_GRID):
+            pred = remove_small_components(prob > t, min_component, connectivity=2, area_rule=AreaRule.FILLED)
+            d_grid[i, j] = dice(pred, g)
+    return {
+        "dice_fixed": _nanmean(d_fixed),
+        "dice_fixed_std": float(np.nanstd(d_fixed)) if d_fixed else float("nan"),
+        "dice_oracle": _nanmean(d_oracle),
+        "auroc": _nanmean(aurocs),
+        "auprc": _nanmean(auprcs),
+        "dice_grid": np.nanmean(d_grid, axis=0).tolist() if len(maps) else [],
+        "n_slices": len(maps),
+    }
+
+
+def _slice_auroc(maps: np.ndarray, images: np.ndarray, healthy_maps: np.ndarray, healthy: np.ndarray) -> float:
+    """Slice-level detection AUROC: 99th percentile of the raw map inside each image's brain mask."""
+    if len(healthy_maps) == 0 or len(maps) == 0:
+        return float("nan")
+    all_maps = np.concatenate([maps, healthy_maps])
+    gts = np.concatenate([np.ones(maps.shape, bool), np.zeros(healthy_maps.shape, bool)])
+    masks = np.stack([brain_mask(x) for x in np.concatenate([images, healthy])])
+    masks[~masks.reshape(len(masks), -1).any(axis=1)] = True  # an empty mask falls back to the whole slice
+    return slice_detection_auroc(
+        [np.moveaxis(all_maps, 0, -1)], [np.moveaxis(gts, 0, -1)], [np.moveaxis(masks, 0, -1)], axis=-1
+    )
+
+
+def _evaluate(fn: RunFn, split: dict[str, Any], batch_size: int, device: torch.device, min_component: int, healthy: bool = False) -> dict[str, Any]:
+    maps, _, seconds = _run(fn, split["images"], batch_size, device)
+    res = _protocol_a(maps, split["labels"], min_component)
+    res["wall_seconds_per_slice"] = seconds / max(1, len(maps))
+    if healthy:
+        h_maps, h_recons, _ = _run(fn, split["healthy"], batch_size, device, offset=10_000)
+        res["slice_auroc"] = _slice_auroc(maps, split["images"], h_maps, split["healthy"])
+        res["psnr_healthy"] = _nanmean([psnr(r, x, max_val=1.0) for r, x in zip(h_recons, split["healthy"])])
+        res["n_healthy"] = len(h_maps)
+    return res
+
+
+def _better(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
+    """Model selection on the tuning split: Dice at the fixed threshold, then AUPRC."""
+    if b is None:
+        return True
+    ka = (np.nan_to_num(a["dice_fixed"], nan=-1.0), np.nan_to_num(a["auprc"], nan=-1.0))
+    kb = (np.nan_to_num(b["dice_fixed"], nan=-1.0), np.nan_to_num(b["auprc"], nan=-1.0))
+    return ka > kb
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def _fmt(x: Any, nd: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    try:
+        xf = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if not math.isfinite(xf):
+        return "n/a"
+    return f"{xf:.{nd}f}"
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """The benchmark report (markdown) from the ``results.json`` content."""
+    s = results["settings"]
+    lines = [
+        "# Benchmark: masked Bernoulli diffusion and baselines",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        f"Machine: {results['machine']}. Date: {results['date']}.",
+        "",
+        f"Training data: {results['data']['n_train']} healthy images from `{results['data']['train_dir']}`; "
+        f"test pairs from `{results['data']['test_dir']}`: {results['data']['n_tune']} lesion images "
+        f"(+{results['data']['n_tune_healthy']} healthy) for tuning, {results['data']['n_test']} lesion images "
+        f"(+{results['data']['n_test_healthy']} healthy) held out for the table (split seed {s['seed']}). "
+        f"Images padded to square and resized to {s['size']}x{s['size']}, intensities in [0, 1].",
+        "",
+        "## Held-out test split",
+        "",
+        "Protocol A (docs/evaluation.md §2): no brain mask, 5x5 median filter, p1/p99 clip, per-slice min-max, "
+        f"components <= {s['min_component']} px removed, mean over lesion slices. *Dice@0.5*: fixed threshold; "
+        "*Dice@t\\**: one global threshold on the soft map tuned on the tuning split; *oracle Dice*: per-slice best "
+        "threshold (upper bound); AUROC/AUPRC: per slice on the soft map (sklearn `roc_auc_score` / "
+        "`average_precision_score`), averaged; *slice AUROC*: lesion vs healthy slices scored by the 99th percentile "
+        "of the raw map inside the brain mask; PSNR of the reconstruction of healthy slices. Time: median of "
+        f"{s['timing_slices']} single-slice runs in the same process; memory: peak increase of the process's "
+        "resident memory (CPU) or of the CUDA allocator (GPU) during those runs.",
+        "",
+        "| method | settings | Dice@0.5 | Dice@t* (t*) | oracle Dice | AUROC | AUPRC | slice AUROC | PSNR healthy "
+        "| s / slice | x masked | peak MiB | params | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    masked_time = results["methods"].get(Method.MASKED, {}).get("timing", {}).get("seconds_per_slice")
+    for name, r in results["methods"].items():
+        t = r["test"]
+        sec = r["timing"]["seconds_per_slice"]
+        ratio = sec / masked_time if masked_time else float("nan")
+        lines.append(
+            f"| {METHOD_LABELS.get(name, name)} | {r['settings_text']} | {_fmt(t['dice_fixed'])} ± {_fmt(t['dice_fixed_std'], 2)} "
+            f"| {_fmt(t['dice_tuned'])} ({_fmt(r['threshold'], 2)}) | {_fmt(t['dice_oracle'])} | {_fmt(t['auroc'])} "
+            f"| {_fmt(t['auprc'])} | {_fmt(t.get('slice_auroc'))} | {_fmt(t.get('psnr_healthy'), 1)} | {_fmt(sec, 3)} "
+            f"| {_fmt(ratio, 2)} | {_fmt(r['timing']['peak_memory_mib'], 0)} | {r['params']:,} | {_fmt(r['train_seconds'], 0)} |"
+        )
+    lines += ["", "## Training", "", "| model | iterations | batch | lr | train s | final loss | params | cached |", "|---|---|---|---|---|---|---|---|"]
+    for name, t in results["training"].items():
+        lines.append(
+            f"| {name} | {t['iterations']} | {t['batch_size']} | {t['lr']} | {_fmt(t['train_seconds'], 0)} | {_fmt(t['final_loss'], 4)} "
+            f"| {t['params']:,} | {t['cached']} |"
+        )
+    tuning = results.get("tuning", {})
+    if tuning.get("masked_lp"):
+        lines += [
+            "",
+            f"## Sweep over (L, P), masked, tuning split, K = {s['tune_steps']} strided steps (min(K, L))",
+            "",
+            "Reference settings (100, 0.6), (200, 0.5), (300, 0.8) are included.",
+            "",
+            "| L | P | Dice@0.5 | oracle Dice | AUROC | AUPRC | s / slice (batched) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in tuning["masked_lp"]:
+            lines.append(
+                f"| {row['L']} | {row['P']} | {_fmt(row['dice_fixed'])} | {_fmt(row['dice_oracle'])} | {_fmt(row['auroc'])} "
+                f"| {_fmt(row['auprc'])} | {_fmt(row['wall_seconds_per_slice'], 3)} |"
+            )
+    if tuning.get("masked_k"):
+        lines += [
+            "",
+            "## Sweep over K (strided steps), masked, at the tuned (L, P), tuning split",
+            "",
+            "| K | Dice@0.5 | oracle Dice | AUPRC | s / slice (batched) |",
+            "|---|---|---|---|---|",
+        ]
+        for row in tuning["masked_k"]:
+            lines.append(
+                f"| {row['K']} | {_fmt(row['dice_fixed'])} | {_fmt(row['dice_oracle'])} | {_fmt(row['auprc'])} "
+                f"| {_fmt(row['wall_seconds_per_slice'], 3)} |"
+            )
+    for key, title in (("unmasked_l", "unmasked Bernoulli"), ("ddpm_l", "Gaussian DDPM")):
+        if tuning.get(key):
+            lines += ["", f"## Sweep over L, {title}, tuning split", "", "| L | K | Dice@0.5 | oracle Dice | AUPRC | s / slice (batched) |", "|---|---|---|---|---|---|"]
+            for row in tuning[key]:
+                lines.append(
+                    f"| {row['L']} | {row['K']} | {_fmt(row['dice_fixed'])} | {_fmt(row['dice_oracle'])} | {_fmt(row['auprc'])} "
+                    f"| {_fmt(row['wall_seconds_per_slice'], 3)} |"
+                )
+    lines += ["", "## Settings", "", "```json", json.dumps(s, indent=1, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def _as_tuple(x: Any) -> tuple:
+    if isinstance(x, str):
+        return tuple(v.strip() for v in x.split(",") if v.strip())
+    if isinstance(x, (int, float)):
+        return (x,)
+    return tuple(x)
+
+
+def benchmark(
+    train_dir: str | None = None,
+    test_dir: str | None = None,
+    out: str = "outputs/benchmark",
+    methods: Sequence[str] | str | None = None,
+    size: int = 128,
+    seed: int = 0,
+    lesion_seed: int = 0,
+    tune_fraction: float = 0.4,
+    ae_preset: str = "small",
+    ae_iterations: int = 600,
+    ae_batch_size: int = 16,
+    ae_lr: float = 1e-3,
+    denoiser_preset: str = "small",
+    denoiser_channels: Sequence[int] | None = (32, 64, 64),
+    ddpm_channels: Sequence[int] = (16, 32, 64, 64),
+    diffusion_iterations: int = 600,
+    diffusion_batch_size: int = 16,
+    diffusion_lr: float = 5e-4,
+    max_train_seconds: float | None = None,
+    num_train_timesteps: int = 1000,
+    noise_levels: Sequence[int] = (50, 100, 200, 300, 500),
+    prob_thresholds: Sequence[float] = (0.5, 0.6, 0.8),
+    ddpm_noise_levels: Sequence[int] = (100, 200, 300, 500),
+    tune_steps: int = 20,
+    k_values: Sequence[int] = (5, 10, 20, 50, 100),
+    k_tolerance: float = 0.01,
+    ddpm_steps: int = 20,
+    ddpm_eta: float = 0.0,
+    timing_slices: int = 5,
+    eval_batch_size: int = 8,
+    min_component: int = 15,
+    device: str | None = None,
+    threads: int | None = None,
+    limit_train: int | None = None,
+) -> dict[str, Any]:
+    """
+    Train (or reuse) and evaluate every method on the same data; write ``out/results.json`` and ``out/benchmarks.md``.
+
+    Args:
+        train_dir: folder of healthy 2D training images; default: the IXI ``train/`` folder.
+        test_dir: folder with ``images/``, ``labels/`` (and optional ``healthy/``); default: a lesion set generated
+            with ``make_lesions(seed=lesion_seed)`` from the IXI ``val/`` folder into ``out/lesion_set``.
+        out: output folder (checkpoints under ``out/checkpoints``).
+        methods: subset of :class:`Method` names (default: all).
+        size: image side after padding + resizing.
+        seed: seed of training, of the tuning/test split and of the inference noise.
+        lesion_seed: seed of the generated lesion set.
+        tune_fraction: fraction of the lesion images used for tuning (the rest is the held-out test split).
+        ae_preset: autoencoder preset (``berdiff.networks.Preset``).
+        ae_iterations, ae_batch_size, ae_lr: autoencoder training budget.
+        denoiser_preset: Bernoulli denoiser preset; ``denoiser_channels`` overrides its widths (None keeps them).
+        ddpm_channels: widths of the image-space DDPM UNet (attention at the last level).
+        diffusion_iterations, diffusion_batch_size, diffusion_lr: the budget of both diffusion models (the same).
+        max_train_seconds: optional wall-clock cap per model (training stops early; the iterations done are reported).
+        num_train_timesteps: T of both diffusion models.
+        noise_levels, prob_thresholds: (L, P) grid of masked Bernoulli diffusion (L grid also for unmasked).
+        ddpm_noise_levels: L grid of the DDPM.
+        tune_steps: K used in the (L, P) and L sweeps (``min(K, L)``).
+        k_values: K grid of the K sweep (values above L are dropped; L itself is added).
+        k_tolerance: the tuned K is the smallest K whose tuning Dice is within this of the best K's.
+        ddpm_steps: K of the DDPM.
+        ddpm_eta: DDIM eta of the DDPM (0 deterministic, 1 ancestral).
+        timing_slices: single-slice runs per method for the time and memory figures (median).
+        eval_batch_size: batch size of the evaluation runs.
+        min_component: protocol A's component-size filter.
+        device: torch device (default: CUDA if available, else CPU).
+        threads: torch CPU threads (default: torch's choice).
+        limit_train: use only the first N training images.
+
+    Returns:
+        the results dict (also written to ``out/results.json``).
+    """
+    import platform
+    import sys
+
+    all_methods = list(Method.__members__.values())
+    methods = [str(m) for m in (_as_tuple(methods) if methods is not None else all_methods)]
+    bad = [m for m in methods if m not in all_methods]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}; choose from {all_methods}.")
+    if not 0 < tune_fraction < 1:
+        raise ValueError(f"tune_fraction must be in (0, 1), got {tune_fraction}.")
+    noise_levels = [int(v) for v in _as_tuple(noise_levels)]
+    prob_thresholds = [float(v) for v in _as_tuple(prob_thresholds)]
+    ddpm_noise_levels = [int(v) for v in _as_tuple(ddpm_noise_levels)]
+    k_values = [int(v) for v in _as_tuple(k_values)]
+    for name, grid in (("noise_levels", noise_levels), ("ddpm_noise_levels", ddpm_noise_levels)):
+        if not grid or any(not 1 <= v <= num_train_timesteps for v in grid):
+            raise ValueError(f"{name} must be non-empty with values in [1, {num_train_timesteps}], got {grid}.")
+    if not prob_thresholds or any(not 0 <= p <= 1 for p in prob_thresholds):
+        raise ValueError(f"prob_thresholds must be non-empty with values in [0, 1], got {prob_thresholds}.")
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ data
+    train_path = Path(train_dir) if train_dir is not None else DEFAULT_DATA_DIR / "train"
+    train_files = list_images(train_path)
+    if limit_train is not None:
+        train_files = train_files[: int(limit_train)]
+    train_images, _ = load_folder(train_path, size, names=[stem(p) for p in train_files])
+    if test_dir is None:
+        from berdiff.data.lesions import make_lesions
+
+        test_path = out_dir / "lesion_set"
+        make_lesions(str(DEFAULT_DATA_DIR / "val"), str(test_path), seed=lesion_seed)
+    else:
+        test_path = Path(test_dir)
+    pairs = _load_pairs(test_path, size)
+    tune, test = _split(pairs, tune_fraction, seed)
+    _log(f"{len(train_images)} training images; {len(tune['names'])} tuning / {len(test['names'])} test lesion images, "
+         f"{len(tune['healthy'])} / {len(test['healthy'])} healthy")
+
+    # ------------------------------------------------------------------ models
+    listing = [str(p) for p in train_files]
+    ckpt_dir = out_dir / "checkpoints"
+    training: dict[str, dict[str, Any]] = {}
+    ae = unet = ddpm = None
+    b_sched = BernoulliScheduler(num_train_timesteps=num_train_timesteps)
+    g_sched = DDPMScheduler(num_train_timesteps=num_train_timesteps)
+    if {Method.AE, Method.MASKED, Method.UNMASKED} & set(methods):
+        ae_settings = {"model": "ae", "preset": ae_preset, "size": size, "iterations": ae_iterations,
+                       "batch_size": ae_batch_size, "lr": ae_lr, "seed": seed, "max_seconds": max_train_seconds}
+        ae_key = cache_key(listing, ae_settings)
+        ae = autoencoder_from_preset(ae_preset, in_channels=1).to(dev)
+        ae_data = [{"image": torch.from_numpy(x[None]), "label": torch.from_numpy(x[None])} for x in train_images]
+        info = _cached(
+            ckpt_dir / f"ae_{ae_key}.pt", ae,
+            lambda: _fit(ae, AutoencoderLoss(), ae_data, ae_iterations, ae_batch_size, ae_lr, seed, dev, "autoencoder",
+                         max_seconds=max_train_seconds),
+            ae_settings,
+        )
+        training["autoencoder"] = {**info, "batch_size": ae_batch_size, "lr": ae_lr, "params": _n_params(ae), "key": ae_key}
+    if {Method.MASKED, Method.UNMASKED} & set(methods):
+        overrides: dict[str, Any] = {}
+        if denoiser_channels is not None:
+            ch = tuple(int(c) for c in _as_tuple(denoiser_channels))
+            overrides = {"channels": ch, "num_head_channels": ch, "norm_num_groups": min(16, math.gcd(*ch))}
+            if len(ch) != 3:
+                overrides["attention_levels"] = tuple([False] * (len(ch) - 1) + [True])
+        un_settings = {"model": "bernoulli_denoiser", "ae_key": ae_key, "preset": denoiser_preset, "overrides": overrides,
+                       "T": num_train_timesteps, "iterations": diffusion_iterations, "batch_size": diffusion_batch_size,
+                       "lr": diffusion_lr, "seed": seed, "max_seconds": max_train_seconds}
+        un_key = cache_key(listing, un_settings)
+        unet = denoiser_from_preset(denoiser_preset, latent_channels=ae.latent_channels, **overrides).to(dev)
+
+        def train_unet() -> dict[str, Any]:
+            with torch.no_grad():
+                x = torch.from_numpy(train_images[:, None]).to(dev)
+                codes = torch.cat([ae.encode_stage_2_inputs(x[i : i + 32]) for i in range(0, len(x), 32)]).cpu()
+            data = [{"image": c} for c in codes]
+            return _fit(unet, nn.BCEWithLogitsLoss(), data, diffusion_iterations, diffusion_batch_size, diffusion_lr, seed,
+                        dev, "bernoulli denoiser", inferer=DiffusionInferer(b_sched),
+                        prepare_batch=BernoulliPrepareBatch(b_sched), max_seconds=max_train_seconds)
+
+        info = _cached(ckpt_dir / f"bernoulli_{un_key}.pt", unet, train_unet, un_settings)
+        training["bernoulli denoiser"] = {**info, "batch_size": diffusion_batch_size, "lr": diffusion_lr,
+                                          "params": _n_params(unet), "key": un_key}
+    if Method.DDPM in methods:
+        ch = tuple(int(c) for c in _as_tuple(ddpm_channels))
+        groups = min(16, math.gcd(*ch))
+        ddpm_settings = {"model": "ddpm", "channels": ch, "size": size, "T": num_train_timesteps,
+                         "iterations": diffusion_iterations, "batch_size": diffusion_batch_size, "lr": diffusion_lr,
+                         "seed": seed, "max_seconds": max_train_seconds}
+        dd_key = cache_key(listing, ddpm_settings)
+        ddpm = DiffusionModelUNet(
+            spatial_dims=2, in_channels=1, out_channels=1, channels=ch, attention_levels=tuple([False] * (len(ch) - 1) + [True]),
+            num_res_blocks=1, num_head_channels=ch[-1], norm_num_groups=groups,
+        ).to(dev)
+        dd_data = [{"image": torch.from_numpy(x[None] * 2.0 - 1.0)} for x in train_images]
+        info = _cached(
+            ckpt_dir / f"ddpm_{dd_key}.pt", ddpm,
+            lambda: _fit(ddpm, nn.MSELoss(), dd_data, diffusion_iterations, diffusion_batch_size, diffusion_lr, seed, dev,
+                         "gaussian ddpm", inferer=DiffusionInferer(g_sched),
+                         prepare_batch=DiffusionPrepareBatch(num_train_timesteps=num_train_timesteps),
+                         max_seconds=max_train_seconds),
+            ddpm_settings,
+        )
+        training["gaussian ddpm"] = {**info, "batch_size": diffusion_batch_size, "lr": diffusion_lr,
+                                     "params": _n_params(ddpm), "key": dd_key}
+
+    # ------------------------------------------------------------------ run functions
+    def ae_fn() -> RunFn:
+        inf = AutoencoderReconstructionInferer()
+        return lambda x, idx: inf(x, ae)
+
+    def bern_fn(L: int, P: float, K: int, masked: bool) -> RunFn:
+        inf = MaskedBernoulliInferer(b_sched, noise_level=L, prob_threshold=P, num_inference_steps=min(K, L), masked=masked)
+        return lambda x, idx: inf(x, ae, unet, _generators(idx, seed, dev))
+
+    def ddpm_fn(L: int, K: int) -> RunFn:
+        inf = GaussianPartialNoisingInferer(g_sched, noise_level=L, num_inference_steps=min(K, L), eta=ddpm_eta)
+
+        def run(x: torch.Tensor, idx: Sequence[int]) -> dict[str, torch.Tensor]:
+            outs = [inf(x[i : i + 1], ddpm, _generators([j], seed, dev)[0]) for i, j in enumerate(idx)]
+            return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+
+        return run
+
+    def tune_eval(fn: RunFn) -> dict[str, Any]:
+        return _evaluate(fn, tune, eval_batch_size, dev, min_component)
+
+    # ------------------------------------------------------------------ tuning (tuning split only)
+    tuning: dict[str, list[dict[str, Any]]] = {}
+    chosen: dict[str, dict[str, Any]] = {}
+    if Method.AE in methods:
+        chosen[Method.AE] = {"fn": ae_fn(), "settings": {}, "text": "-", "tune": tune_eval(ae_fn())}
+    if Method.MASKED in methods:
+        rows, best = [], None
+        pairs_lp = [(L, P) for L in noise_levels for P in prob_thresholds]
+        for ref in ((100, 0.6), (200, 0.5), (300, 0.8)):
+            if ref not in pairs_lp and ref[0] <= num_train_timesteps:
+                pairs_lp.append(ref)
+        for L, P in pairs_lp:
+            r = tune_eval(bern_fn(L, P, tune_steps, True))
+            r.update({"L": L, "P": P, "K": min(tune_steps, L)})
+            rows.append(r)
+            _log(f"masked L={L} P={P}: tune Dice {r['dice_fixed']:.3f} AUPRC {r['auprc']:.3f}")
+            if _better(r, best):
+                best = r
+        tuning["masked_lp"] = rows
+        L, P = best["L"], best["P"]
+        k_rows = []
+        for K in sorted({k for k in k_values if k <= L} | {L}):
+            r = best if K == best["K"] else tune_eval(bern_fn(L, P, K, True))
+            r = {**r, "K": K}
+            k_rows.append(r)
+            _log(f"masked L={L} P={P} K={K}: tune Dice {r['dice_fixed']:.3f} ({r['wall_seconds_per_slice']:.3f} s/slice)")
+        tuning["masked_k"] = k_rows
+        top = max(np.nan_to_num(r["dice_fixed"], nan=-1.0) for r in k_rows)
+        k_best = next(r for r in k_rows if np.nan_to_num(r["dice_fixed"], nan=-1.0) >= top - k_tolerance)
+        K = k_best["K"]
+        chosen[Method.MASKED] = {"fn": bern_fn(L, P, K, True), "settings": {"L": L, "P": P, "K": K},
+                                 "text": f"L={L}, P={P}, K={K}", "tune": k_best}
+    if Method.UNMASKED in methods:
+        rows, best = [], None
+        for L in noise_levels:
+            r = tune_eval(bern_fn(L, 0.5, tune_steps, False))
+            r.update({"L": L, "K": min(tune_steps, L)})
+            rows.append(r)
+            _log(f"unmasked L={L}: tune Dice {r['dice_fixed']:.3f} AUPRC {r['auprc']:.3f}")
+            if _better(r, best):
+                best = r
+        tuning["unmasked_l"] = rows
+        chosen[Method.UNMASKED] = {"fn": bern_fn(best["L"], 0.5, best["K"], False), "settings": {"L": best["L"], "K": best["K"]},
+                                   "text": f"L={best['L']}, K={best['K']}", "tune": best}
+    if Method.DDPM in methods:
+        rows, best = [], None
+        for L in ddpm_noise_levels:
+            r = tune_eval(ddpm_fn(L, ddpm_steps))
+            r.update({"L": L, "K": min(ddpm_steps, L)})
+            rows.append(r)
+            _log(f"ddpm L={L}: tune Dice {r['dice_fixed']:.3f} AUPRC {r['auprc']:.3f}")
+            if _better(r, best):
+                best = r
+        tuning["ddpm_l"] = rows
+        chosen[Method.DDPM] = {"fn": ddpm_fn(best["L"], best["K"]), "settings": {"L": best["L"], "K": best["K"], "eta": ddpm_eta},
+                               "text": f"L={best['L']}, K={best['K']}, eta={ddpm_eta}", "tune": best}
+
+    # ------------------------------------------------------------------ held-out test split
+    results_methods: dict[str, Any] = {}
+    for m in [m for m in all_methods if m in chosen]:
+        c = chosen[m]
+        grid = np.nan_to_num(np.asarray(c["tune"]["dice_grid"], dtype=float), nan=-1.0)
+        t_idx = int(np.argmax(grid))
+        r = _evaluate(c["fn"], test, eval_batch_size, dev, min_component, healthy=True)
+        r["dice_tuned"] = r["dice_grid"][t_idx] if r["dice_grid"] else float("nan")
+        _log(f"{m}: test Dice@0.5 {r['dice_fixed']:.3f}, Dice@t* {r['dice_tuned']:.3f}, AUPRC {r['auprc']:.3f}")
+        params = {Method.AE: lambda: _n_params(ae), Method.DDPM: lambda: _n_params(ddpm)}.get(m, lambda: _n_params(ae, unet))()
+        train_s = {
+            Method.AE: lambda: training["autoencoder"]["train_seconds"],
+            Method.DDPM: lambda: training["gaussian ddpm"]["train_seconds"],
+        }.get(m, lambda: training["autoencoder"]["train_seconds"] + training["bernoulli denoiser"]["train_seconds"])()
+        results_methods[m] = {"settings": c["settings"], "settings_text": c["text"], "threshold": float(THRESHOLD_GRID[t_idx]),
+                              "test": r, "params": params, "train_seconds": train_s,
+                              "tune": {k: v for k, v in c["tune"].items() if k != "dice_grid"}}
+    # timing: all methods back to back on the same slices
+    timing_images = np.concatenate([test["images"], test["healthy"]])[: max(1, timing_slices)]
+    for m in results_methods:
+        results_methods[m]["timing"] = _time(chosen[m]["fn"], timing_images, timing_slices, dev)
+        _log(f"{m}: {results_methods[m]['timing']['seconds_per_slice']:.3f} s/slice")
+    masked_t = results_methods.get(Method.MASKED, {}).get("timing", {}).get("seconds_per_slice")
+    for m, r in results_methods.items():
+        r["speed_ratio_to_masked"] = r["timing"]["seconds_per_slice"] / masked_t if masked_t else None
+
+    settings = {
+        "size": size, "seed": seed, "lesion_seed": lesion_seed, "tune_fraction": tune_fraction, "ae_preset": ae_preset,
+        "ae_iterations": ae_iterations, "ae_batch_size": ae_batch_size, "ae_lr": ae_lr, "denoiser_preset": denoiser_preset,
+        "denoiser_channels": denoiser_channels, "ddpm_channels": ddpm_channels, "diffusion_iterations": diffusion_iterations,
+        "diffusion_batch_size": diffusion_batch_size, "diffusion_lr": diffusion_lr, "max_train_seconds": max_train_seconds,
+        "num_train_timesteps": num_train_timesteps, "noise_levels": noise_levels, "prob_thresholds": prob_thresholds,
+        "ddpm_noise_levels": ddpm_noise_levels, "tune_steps": tune_steps, "k_values": k_values, "k_tolerance": k_tolerance,
+        "ddpm_steps": ddpm_steps, "ddpm_eta": ddpm_eta, "timing_slices": timing_slices, "eval_batch_size": eval_batch_size,
+        "min_component": min_component, "device": str(dev), "threads": torch.get_num_threads(), "methods": methods,
+    }
+    results = {
+        "command": "python -m berdiff benchmark " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "benchmark"
+        else f"berdiff.benchmark.benchmark(...) from {Path(sys.argv[0]).name}",
+        "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+                   f"device {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")
+                   + f", torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "data": {"train_dir": str(train_path), "test_dir": str(test_path), "n_train": len(train_images),
+                 "n_tune": len(tune["names"]), "n_test": len(test["names"]), "n_tune_healthy": len(tune["healthy"]),
+                 "n_test_healthy": len(test["healthy"]), "tune_names": tune["names"], "test_names": test["names"]},
+        "settings": settings,
+        "training": training,
+        "tuning": {k: [{kk: vv for kk, vv in row.items() if kk != "dice_grid"} for row in v] for k, v in tuning.items()},
+        "methods": results_methods,
+    }
+    results = json.loads(json.dumps(results, default=_json_default))
+    md = render_markdown(results)
+    for name, text in (("results.json", json.dumps(results, indent=1)), ("benchmarks.md", md)):
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out_dir / name)
+    _log(f"wrote {out_dir / 'benchmarks.md'} and {out_dir / 'results.json'}")
+    return results
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (Path, torch.device)):
+        return str(o)
+    if isinstance(o, tuple):
+        return list(o)
+    return str(o)
