@@ -17,8 +17,9 @@ with the brain mask. Families (:class:`LesionFamily`):
 * ``hyper`` / ``hypo``: additive blob ``x + sign * contrast * w`` (clipped to [0, 1]);
 * ``fpi``: foreign patch interpolation (Tan et al., FPI): ``(1 - a w) x + a w x_other``, where ``x_other`` is another
   subject's image shifted by a random offset and ``a`` the interpolation factor;
-* ``deform``: a local radial push (or pull) deformation ``amplitude * exp(-d^2 / (2 sigma^2))``, resampled with
-  ``scipy.ndimage.map_coordinates``; the label is where the displacement is at least 1 pixel;
+* ``deform``: a local radial push (or pull) deformation ``amplitude * exp(-d^2 / (2 sigma^2))`` with
+  ``|amplitude| >= 1.5`` px, resampled with ``scipy.ndimage.map_coordinates``; the label is where the displacement is
+  at least ``max(1, |amplitude| / 2)`` pixels;
 * ``texture``: the region is replaced by a blurred copy with added Gaussian noise (a local texture change).
 
 The first lesion of the i-th image has family ``families[i % len(families)]`` so that every family is produced;
@@ -133,7 +134,7 @@ def add_lesion(
         new = (1 - alpha * w) * img + alpha * w * moved
         params.update({"alpha": alpha, "shift": shift})
     elif family == LesionFamily.DEFORM:
-        amplitude = float(rng.uniform(0.3, 0.6)) * r * (1.0 if rng.random() < 0.5 else -1.0)
+        amplitude = max(1.5, float(rng.uniform(0.3, 0.6)) * r) * (1.0 if rng.random() < 0.5 else -1.0)
         sigma = r * 0.6
         yy, xx = np.mgrid[: img.shape[0], : img.shape[1]].astype(np.float64)
         dy, dx = yy - cy, xx - cx
@@ -141,7 +142,7 @@ def add_lesion(
         disp = amplitude * np.exp(-(dist**2) / (2 * sigma**2))
         # pushing the content outwards samples from closer to the centre
         new = ndimage.map_coordinates(img, [yy - disp * dy / dist, xx - disp * dx / dist], order=1, mode="nearest")
-        label = (np.abs(disp) >= 1.0) & mask
+        label = (np.abs(disp) >= max(1.0, 0.5 * abs(amplitude))) & mask
         params.update({"amplitude": amplitude, "sigma": sigma})
     else:  # texture
         blur = float(rng.uniform(1.5, 3.0))
