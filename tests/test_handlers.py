@@ -53,7 +53,10 @@ class TestRunSummaryHandler(unittest.TestCase):
         data = [_volume("A_1", 5, slice(1, 3)), _volume("A_2", 7, slice(0, 7))]
         handler = RunSummaryHandler(self.tmp, settings=settings, progress=True, output_postfixes=("anomaly",))
         return SupervisedEvaluator(
-            device=torch.device("cpu"), val_data_loader=DataLoader(data, batch_size=1), network=net, val_handlers=[handler]
+            device=torch.device("cpu"),
+            val_data_loader=DataLoader(data, batch_size=1),
+            network=net,
+            val_handlers=[handler],
         )
 
     def _summary(self) -> dict:
@@ -62,7 +65,8 @@ class TestRunSummaryHandler(unittest.TestCase):
 
     def test_summary_fields(self):
         net = _Net()
-        run_evaluator(self._evaluator(net, settings={"noise_level": 3, "device": torch.device("cpu")}), on_error="raise")
+        settings = {"noise_level": 3, "device": torch.device("cpu")}
+        run_evaluator(self._evaluator(net, settings=settings), on_error="raise")
         self.assertTrue(net.seen_inference_mode)
         summary = self._summary()
         self.assertEqual(tuple(summary), RUN_SUMMARY_FIELDS)

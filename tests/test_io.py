@@ -32,7 +32,8 @@ MODS = ("t1", "t1ce", "t2", "flair")
 def _touch_case(root: str, case: str, mods=MODS, seg: bool = False) -> None:
     os.makedirs(os.path.join(root, case), exist_ok=True)
     for m in list(mods) + (["seg"] if seg else []):
-        nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), os.path.join(root, case, f"{case}_{m}.nii.gz"))
+        path = os.path.join(root, case, f"{case}_{m}.nii.gz")
+        nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), path)
 
 
 class TestAtomicWriter(unittest.TestCase):
@@ -146,7 +147,8 @@ class TestDatalists(unittest.TestCase):
     def test_datalist_json(self):
         path = os.path.join(self.tmp, "list.json")
         with open(path, "w") as f:
-            json.dump({"validation": [{"image": ["a_t1.nii.gz", "/abs/a_t2.nii.gz"], "label": "a_seg.nii.gz"}, "b.nii.gz"]}, f)
+            items = [{"image": ["a_t1.nii.gz", "/abs/a_t2.nii.gz"], "label": "a_seg.nii.gz"}, "b.nii.gz"]
+            json.dump({"validation": items}, f)
         items = load_datalist(path)
         self.assertEqual(items[0]["image"], [os.path.join(self.tmp, "a_t1.nii.gz"), "/abs/a_t2.nii.gz"])
         self.assertEqual(items[0]["label"], os.path.join(self.tmp, "a_seg.nii.gz"))
@@ -159,7 +161,9 @@ class TestDatalists(unittest.TestCase):
 
     def test_inference_datalist_priority(self):
         _touch_case(self.tmp, "B_1")
-        self.assertEqual(inference_datalist(image="x/c_t1.nii.gz", dataset_dir=self.tmp), [{"image": "x/c_t1.nii.gz", "case": "c"}])
+        self.assertEqual(
+            inference_datalist(image="x/c_t1.nii.gz", dataset_dir=self.tmp), [{"image": "x/c_t1.nii.gz", "case": "c"}]
+        )
         self.assertEqual(inference_datalist(dataset_dir=self.tmp)[0]["case"], "B_1")
         with self.assertRaisesRegex(ValueError, "no input given"):
             inference_datalist()

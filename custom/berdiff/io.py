@@ -64,7 +64,9 @@ class AtomicNibabelWriter(NibabelWriter):
     """
 
     @classmethod
-    def resample_if_needed(cls, data_array: Any, affine: Any = None, target_affine: Any = None, *args: Any, **kwargs: Any):
+    def resample_if_needed(  # type: ignore[override]
+        cls, data_array: Any, affine: Any = None, target_affine: Any = None, *args: Any, **kwargs: Any
+    ) -> tuple[Any, Any]:
         """No resampling without ``target_affine``; otherwise ``NibabelWriter.resample_if_needed``."""
         if target_affine is None:
             return data_array, affine
@@ -187,7 +189,9 @@ def find_brats_cases(dataset_dir: os.PathLike | str, modalities: Sequence[str] =
             continue  # not a case folder
         missing = [m for m, f in zip(modalities, files) if f is None]
         if missing:
-            raise ValueError(f"case {name} in {dataset_dir} lacks modality file(s) {missing} ({name}_<modality>.nii.gz).")
+            raise ValueError(
+                f"case {name} in {dataset_dir} lacks modality file(s) {missing} ({name}_<modality>.nii.gz)."
+            )
         item: dict[str, Any] = {"image": files, "case": name}
         seg = _find("seg")
         if seg is not None:

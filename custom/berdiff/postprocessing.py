@@ -70,7 +70,8 @@ class SplitChannelsd(MapTransform):
             src = d[key]
             if src.shape[0] != sum(self.sizes):
                 raise ValueError(
-                    f"{key!r} has {src.shape[0]} channels, expected {sum(self.sizes)} = {dict(zip(self.names, self.sizes))}."
+                    f"{key!r} has {src.shape[0]} channels, expected {sum(self.sizes)} = "
+                    f"{dict(zip(self.names, self.sizes))}."
                 )
             start = 0
             for name, size in zip(self.names, self.sizes):

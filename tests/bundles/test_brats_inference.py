@@ -155,7 +155,8 @@ class TestBratsInference(unittest.TestCase):
         head[HEAD[axial]] = True
         self.assertTrue(np.all(per_slice[~head] == 0))
         self.assertTrue(np.all(per_slice[head] > 0))
-        self.assertTrue(np.all(mask[~np.broadcast_to(np.expand_dims(head, [a for a in range(3) if a != axial]), SHAPE)] == 0))
+        head_voxels = np.broadcast_to(np.expand_dims(head, [a for a in range(3) if a != axial]), SHAPE)
+        self.assertTrue(np.all(mask[~head_voxels] == 0))
 
     def test_run_summary(self):
         with open(os.path.join(self.out, "run_summary.json")) as f:
@@ -173,7 +174,8 @@ class TestBratsInference(unittest.TestCase):
         for case in summary["cases"]:
             self.assertEqual(tuple(case), CASE_FIELDS)
             self.assertGreater(case["wall_time_s"], 0)
-            self.assertAlmostEqual(case["slices_per_s"], case["num_slices"] / case["wall_time_s"], delta=0.01 * case["slices_per_s"] + 1e-3)
+            rate = case["num_slices"] / case["wall_time_s"]
+            self.assertAlmostEqual(case["slices_per_s"], rate, delta=0.01 * rate + 1e-3)
             for name in case["outputs"]:
                 self.assertTrue(os.path.isfile(os.path.join(self.out, name)), name)
         self.assertEqual([c["num_head_slices"] for c in summary["cases"]], [4, 20])
@@ -270,7 +272,8 @@ class TestBratsInferenceOptions(unittest.TestCase):
         files = make_case(os.path.join(self.tmp, "data"), "cli", seed=6)
         cmd = [
             sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", CONFIG,
-            "--image", repr(files[:3]), "--output_dir", self.out, "--ckpt_path", os.path.join(self.tmp, "models", "model.pt"),
+            "--image", repr(files[:3]), "--output_dir", self.out,
+            "--ckpt_path", os.path.join(self.tmp, "models", "model.pt"),
             "--preset", "tiny", "--spatial_size", "[32, 32]", "--noise_level", "2", "--progress", "False",
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=BUNDLE, timeout=120)
