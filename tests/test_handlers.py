@@ -18,6 +18,7 @@ from berdiff.handlers import (
     RunSummaryHandler,
     inference_mode,
     peak_memory_mb,
+    preflight,
     run_evaluator,
 )
 
@@ -108,6 +109,19 @@ class TestRunSummaryHandler(unittest.TestCase):
             run_evaluator(self._evaluator(_Net()), ckpt_path=os.path.join(self.tmp, "none.pt"))
         self.assertIn("model weights not found", str(ctx.exception.code))
         self.assertFalse(os.path.exists(os.path.join(self.tmp, "run_summary.json")))
+
+
+class TestPreflight(unittest.TestCase):
+    def test_inputs_and_weights(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            with self.assertRaisesRegex(ValueError, "no input given"):
+                preflight(on_error="raise")
+            with self.assertRaises(SystemExit) as ctx:
+                preflight(datalist=os.path.join(tmp, "missing.json"))
+            self.assertEqual(str(ctx.exception.code), f"error: datalist file not found: {tmp}/missing.json")
+            with self.assertRaisesRegex(FileNotFoundError, "model weights not found"):
+                preflight(image="a.nii.gz", ckpt_path=os.path.join(tmp, "m.pt"), on_error="raise")
+            self.assertEqual(preflight(image="a.nii.gz", ckpt_path=os.path.join(tmp, "m.pt"), allow_random_weights=True), 1)
 
 
 class TestUtilities(unittest.TestCase):

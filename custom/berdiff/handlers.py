@@ -25,7 +25,7 @@ import monai
 import torch
 from monai.utils import StrEnum
 
-from berdiff.io import atomic_write_json, case_name, check_checkpoint
+from berdiff.io import atomic_write_json, case_name, check_checkpoint, inference_datalist
 from berdiff.transforms import root_cause
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "RunSummaryHandler",
     "peak_memory_mb",
     "inference_mode",
+    "preflight",
     "run_evaluator",
     "RUN_SUMMARY_FIELDS",
     "CASE_FIELDS",
@@ -319,6 +320,50 @@ def inference_mode(*nets: torch.nn.Module) -> Generator[list, None, None]:
             n.train()
 
 
+def _fail(error: BaseException, on_error: str) -> None:
+    """Reports ``error``'s root cause: ``exit`` without a stack trace, or ``raise``."""
+    cause = root_cause(error)
+    if on_error == OnError.EXIT:
+        logger.error(f"inference failed: {type(cause).__name__}: {cause}")
+        raise SystemExit(f"error: {cause}") from None
+    if cause is error:
+        raise error
+    raise cause from None
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in OnError.__members__.values():
+        raise ValueError(f"on_error must be one of {list(OnError.__members__.values())}, got {on_error!r}.")
+
+
+def preflight(
+    image: Any = None,
+    datalist: Any = None,
+    dataset_dir: Any = None,
+    modalities: Sequence[str] = ("t1", "t1ce", "t2", "flair"),
+    datalist_key: str | None = None,
+    ckpt_path: str | None = None,
+    allow_random_weights: bool = False,
+    on_error: str = OnError.EXIT,
+) -> int:
+    """
+    Checks the inputs (:func:`berdiff.io.inference_datalist`) and the model weights before the workflow builds its
+    components, so that a bad input folder or datalist gives one clear error line instead of a configuration stack
+    trace. Arguments as in ``configs/inference.yaml``.
+
+    Returns:
+        the number of cases.
+    """
+    _check_on_error(on_error)
+    try:
+        cases = inference_datalist(image, datalist, dataset_dir, modalities, datalist_key)
+        if ckpt_path is not None:
+            check_checkpoint(ckpt_path, allow_random_weights)
+    except Exception as e:
+        _fail(e, on_error)
+    return len(cases)
+
+
 def run_evaluator(
     evaluator: Any,
     ckpt_path: str | None = None,
@@ -343,8 +388,7 @@ def run_evaluator(
     Returns:
         the evaluator's state.
     """
-    if on_error not in OnError.__members__.values():
-        raise ValueError(f"on_error must be one of {list(OnError.__members__.values())}, got {on_error!r}.")
+    _check_on_error(on_error)
     if use_inference_mode:
         evaluator.mode = inference_mode
     try:
@@ -352,11 +396,5 @@ def run_evaluator(
             logger.warning(f"model weights {ckpt_path} not found: running with RANDOM weights (allow_random_weights).")
         evaluator.run()
     except Exception as e:
-        cause = root_cause(e)
-        if on_error == OnError.EXIT:
-            logger.error(f"inference failed: {type(cause).__name__}: {cause}")
-            raise SystemExit(f"error: {cause}") from None
-        if cause is e:
-            raise
-        raise cause from None
+        _fail(e, on_error)
     return evaluator.state

@@ -281,6 +281,12 @@ class TestBratsInferenceOptions(unittest.TestCase):
         self.assertIn("error: expected 4 channels under 'image', got 3", proc.stderr)
         self.assertNotIn("Traceback", proc.stdout + proc.stderr)
         self.assertEqual(nifti_outputs(self.out), [])
+        # a bad input folder fails before the workflow is built, with one line too
+        cmd[cmd.index("--image") : cmd.index("--image") + 2] = ["--dataset_dir", os.path.join(self.tmp, "nowhere")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=BUNDLE, timeout=120)
+        self.assertEqual(proc.returncode, 1, proc.stderr[-2000:])
+        self.assertIn("error: dataset_dir is not a folder", proc.stderr)
+        self.assertNotIn("Traceback", proc.stdout + proc.stderr)
 
 
 if __name__ == "__main__":
