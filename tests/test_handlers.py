@@ -121,7 +121,8 @@ class TestPreflight(unittest.TestCase):
             self.assertEqual(str(ctx.exception.code), f"error: datalist file not found: {tmp}/missing.json")
             with self.assertRaisesRegex(FileNotFoundError, "model weights not found"):
                 preflight(image="a.nii.gz", ckpt_path=os.path.join(tmp, "m.pt"), on_error="raise")
-            self.assertEqual(preflight(image="a.nii.gz", ckpt_path=os.path.join(tmp, "m.pt"), allow_random_weights=True), 1)
+            n = preflight(image="a.nii.gz", ckpt_path=os.path.join(tmp, "m.pt"), allow_random_weights=True)
+            self.assertEqual(n, 1)
 
 
 class TestUtilities(unittest.TestCase):
