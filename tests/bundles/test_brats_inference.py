@@ -268,6 +268,29 @@ class TestBratsInferenceOptions(unittest.TestCase):
         run_workflow(self.tmp, image=files, ckpt_path=missing, allow_random_weights=True)
         self.assertEqual(len(nifti_outputs(self.out)), 3)
 
+    def test_monai_label_style_pipeline(self):
+        """Like MONAI Label's BundleInferTask: preprocessing, inferer, postprocessing without SaveImaged."""
+        from monai.bundle import ConfigParser
+
+        files = make_case(os.path.join(self.tmp, "data"), "ml", NON_RAS_AFFINE, seed=9)
+        parser = ConfigParser()
+        parser.read_config(CONFIG)
+        parser.update(overrides(self.tmp))
+        network = parser.get_parsed_content("network_def")
+        network.load_state_dict(torch.load(parser.get_parsed_content("ckpt_path"), weights_only=True))
+        post = parser.get_parsed_content("postprocessing")
+        data = parser.get_parsed_content("preprocessing")({"image": files})
+        with torch.no_grad():
+            data["pred"] = parser.get_parsed_content("inferer")(data["image"][None], network.eval())[0]
+        for t in post.transforms:
+            if type(t).__name__ != "SaveImaged":
+                data = t(data)
+        pred = data["pred"]
+        self.assertEqual(tuple(pred.shape), (1, *SHAPE))
+        self.assertEqual(pred.dtype, torch.uint8)
+        np.testing.assert_allclose(pred.affine.numpy(), NON_RAS_AFFINE, atol=1e-5)
+        self.assertFalse(os.path.exists(self.out))
+
     def test_cli_prints_root_cause_without_traceback(self):
         files = make_case(os.path.join(self.tmp, "data"), "cli", seed=6)
         cmd = [
