@@ -226,9 +226,9 @@ class RunSummaryHandler:
         return batch[self.image_key] if isinstance(batch, Mapping) else batch
 
     def iteration_completed(self, engine: Any) -> None:
-        now = time.perf_counter()
         if _is_cuda(self._device_obj):
             torch.cuda.synchronize(self._device_obj)
+        now = time.perf_counter()
         image = self._image(engine)
         meta = getattr(image, "meta", {}) or {}
         source = meta.get("filename_or_obj", f"case_{engine.state.iteration - 1}")
