@@ -143,7 +143,16 @@ def _load_pairs(test_dir: Path, size: int) -> dict[str, Any]:
         images, labels, names = images[keep], labels[keep], [names[i] for i in keep]
     if len(names) < 2:
         raise ValueError(f"the test folder {str(test_dir)!r} needs at least 2 images with anomalies, got {len(names)}.")
-    return {"images": images, "labels": labels, "names": names, "healthy": healthy_images, "healthy_names": healthy_names}
+    families: dict[str, str] = {}
+    record = test_dir / "lesions.json"
+    if record.is_file():  # written by make_lesions: lesion family of every image, for a per-family breakdown
+        try:
+            entries = json.loads(record.read_text()).get("images", {})
+            families = {n: "+".join(sorted({les["family"] for les in e["lesions"]})) for n, e in entries.items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            families = {}
+    return {"images": images, "labels": labels, "names": names, "healthy": healthy_images, "healthy_names": healthy_names,
+            "families": [families.get(n, "unknown") for n in names]}
 
 
 def _split(pairs: dict[str, Any], tune_fraction: float, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -165,6 +174,7 @@ def _split(pairs: dict[str, Any], tune_fraction: float, seed: int) -> tuple[dict
             "images": pairs["images"][idx],
             "labels": pairs["labels"][idx],
             "names": [names[i] for i in idx],
+            "families": [pairs["families"][i] for i in idx],
             "healthy": pairs["healthy"][hi] if hi else np.zeros((0, *pairs["images"].shape[1:]), np.float32),
             "healthy_names": [h_names[i] for i in hi],
         }
@@ -384,6 +394,8 @@ def _protocol_a(maps: np.ndarray, labels: np.ndarray, min_component: int) -> dic
         "auprc": _nanmean(auprcs),
         "dice_grid": np.nanmean(d_grid, axis=0).tolist() if len(maps) else [],
         "n_slices": len(maps),
+        "dice_per_slice": [float(d) for d in d_fixed],
+        "auprc_per_slice": [float(a) for a in auprcs],
     }
 
 
@@ -480,6 +492,20 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"| {_fmt(t['auprc'])} | {_fmt(t.get('slice_auroc'))} | {_fmt(t.get('psnr_healthy'), 1)} | {_fmt(sec, 3)} "
             f"| {_fmt(ratio, 2)} | {_fmt(r['timing']['peak_memory_mib'], 0)} | {r['params']:,} | {_fmt(r['train_seconds'], 0)} |"
         )
+    fams = sorted({f for r in results["methods"].values() for f in r["test"].get("by_family", {})})
+    if fams:
+        names = list(results["methods"])
+        lines += ["", "## Held-out test split by lesion family: Dice@0.5 / AUPRC", "",
+                  "| family | n | " + " | ".join(METHOD_LABELS.get(m, m) for m in names) + " |",
+                  "|---|---|" + "---|" * len(names)]
+        for fam in fams:
+            cells = []
+            n = 0
+            for m in names:
+                bf = results["methods"][m]["test"].get("by_family", {}).get(fam, {})
+                n = bf.get("n", n)
+                cells.append(f"{_fmt(bf.get('dice_fixed'))} / {_fmt(bf.get('auprc'))}")
+            lines.append(f"| {fam} | {n} | " + " | ".join(cells) + " |")
     lines += ["", "## Training", "", "| model | iterations | batch | lr | train s | final loss | params | cached |", "|---|---|---|---|---|---|---|---|"]
     for name, t in results["training"].items():
         lines.append(
@@ -808,6 +834,14 @@ def benchmark(
         t_idx = int(np.argmax(grid))
         r = _evaluate(c["fn"], test, eval_batch_size, dev, min_component, healthy=True)
         r["dice_tuned"] = r["dice_grid"][t_idx] if r["dice_grid"] else float("nan")
+        r["by_family"] = {
+            fam: {
+                "n": sum(f == fam for f in test["families"]),
+                "dice_fixed": _nanmean([d for d, f in zip(r["dice_per_slice"], test["families"]) if f == fam]),
+                "auprc": _nanmean([a for a, f in zip(r["auprc_per_slice"], test["families"]) if f == fam]),
+            }
+            for fam in sorted(set(test["families"]))
+        }
         _log(f"{m}: test Dice@0.5 {r['dice_fixed']:.3f}, Dice@t* {r['dice_tuned']:.3f}, AUPRC {r['auprc']:.3f}")
         params = {Method.AE: lambda: _n_params(ae), Method.DDPM: lambda: _n_params(ddpm)}.get(m, lambda: _n_params(ae, unet))()
         train_s = {
