@@ -1,0 +1,149 @@
+# Copyright (c) berdiff contributors
+# Licensed under the Apache License, Version 2.0 (the "License").
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import nibabel as nib
+import numpy as np
+
+from berdiff.data.brats import (
+    DATALIST_NAME,
+    axial_slice_range,
+    find_brats_cases,
+    prepare_brats,
+    split_subjects,
+)
+
+MODALITIES = ("t1", "t1ce", "t2", "flair")
+#: subjects with a tumour cube, and the axial slices (RAS index) it covers
+TUMOUR_SUBJECTS = (0, 2)
+TUMOUR_SLICES = (10, 11)
+
+
+def write_brats_subjects(root: str, num_subjects: int = 4, shape=(32, 32, 16), seed: int = 0) -> list[str]:
+    """Tiny synthetic subjects in the BraTS layout: a noisy 'head' box, a cubic tumour in some subjects."""
+    rng = np.random.default_rng(seed)
+    names = []
+    for i in range(num_subjects):
+        name = f"BraTS_{i:03d}"
+        folder = os.path.join(root, name)
+        os.makedirs(folder, exist_ok=True)
+        for m in MODALITIES:
+            vol = np.zeros(shape, np.float32)
+            vol[4:-4, 4:-4, :] = rng.uniform(50, 100, (shape[0] - 8, shape[1] - 8, shape[2]))
+            nib.save(nib.Nifti1Image(vol, np.eye(4)), os.path.join(folder, f"{name}_{m}.nii.gz"))
+        seg = np.zeros(shape, np.uint8)
+        if i in TUMOUR_SUBJECTS:
+            seg[10:14, 10:14, TUMOUR_SLICES[0] : TUMOUR_SLICES[-1] + 1] = 2
+        nib.save(nib.Nifti1Image(seg, np.eye(4)), os.path.join(folder, f"{name}_seg.nii.gz"))
+        names.append(name)
+    return names
+
+
+class TestSliceRange(unittest.TestCase):
+    def test_reference_rule_and_scaling(self):
+        self.assertEqual(axial_slice_range(155), range(80, 129))  # exclude the lowest 80 and the uppermost 26
+        self.assertEqual(axial_slice_range(16), range(8, 13))  # round(80*16/155)=8, 16-round(26*16/155)=13
+        self.assertEqual(axial_slice_range(16, 2, -2), range(2, 14))
+        with self.assertRaisesRegex(ValueError, "empty slice range"):
+            axial_slice_range(16, 10, 5)
+
+    def test_split_is_by_subject_and_seeded(self):
+        ids = [f"s{i}" for i in range(10)]
+        train, val = split_subjects(ids, 0.2, seed=3)
+        self.assertEqual(len(val), 2)
+        self.assertEqual(sorted(train + val), ids)
+        self.assertEqual((train, val), split_subjects(ids, 0.2, seed=3))
+        self.assertTrue(any(split_subjects(ids, 0.2, seed=s)[1] != val for s in range(4, 10)))
+        self.assertEqual(split_subjects(ids, 0.0), (ids, []))
+        with self.assertRaisesRegex(ValueError, "val_fraction"):
+            split_subjects(ids, 1.0)
+
+
+class TestPrepareBrats(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.src = os.path.join(self.tmp.name, "src")
+        self.out = os.path.join(self.tmp.name, "out")
+        self.names = write_brats_subjects(self.src)
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def test_prepare_counts_split_and_cache(self):
+        prepare_brats(self.src, self.out, val_fraction=0.25, seed=0, spatial_size=32)
+        with open(os.path.join(self.out, DATALIST_NAME)) as f:
+            dl = json.load(f)
+        train, val = dl["subjects"]["training"], dl["subjects"]["validation"]
+        self.assertEqual(len(val), 1)
+        self.assertEqual(sorted(train + val), self.names)
+        kept = axial_slice_range(16)  # 5 slices, 2 of them with tumour in tumour subjects
+        for split, subjects in (("training", train), ("validation", val)):
+            n_tumour = sum(self.names.index(s) in TUMOUR_SUBJECTS for s in subjects)
+            expected_diseased = n_tumour * len(TUMOUR_SLICES)
+            self.assertEqual(len(dl[f"{split}_diseased"]), expected_diseased)
+            self.assertEqual(len(dl[split]), len(subjects) * len(kept) - expected_diseased)
+            self.assertEqual(dl["counts"][split]["subjects"], len(subjects))
+            self.assertEqual({e["subject"] for e in dl[split] + dl[f"{split}_diseased"]}, set(subjects))
+        for e in dl["training"] + dl["validation"]:  # healthy: no tumour slice
+            self.assertNotIn(e["slice"], TUMOUR_SLICES if self.names.index(e["subject"]) in TUMOUR_SUBJECTS else ())
+            self.assertIn(e["slice"], kept)
+        entry = dl["training_diseased"][0] if dl["training_diseased"] else dl["validation_diseased"][0]
+        image = np.load(os.path.join(self.out, entry["image"]))
+        label = np.load(os.path.join(self.out, entry["label"]))
+        self.assertEqual((image.shape, image.dtype), ((4, 32, 32), np.float16))
+        self.assertTrue(0.0 <= image.min() and image.max() <= 1.0 and image.max() > 0.5)
+        self.assertEqual(label.shape, (1, 32, 32))
+        self.assertEqual(int(label.sum()), 16)  # the 4x4 tumour cross-section
+        self.assertEqual(len(dl["volumes"]["validation"]), 1)
+        self.assertEqual(len(dl["volumes"]["validation"][0]["image"]), 4)
+        # same seed, same split; rerunning replaces the output
+        prepare_brats(self.src, self.out, val_fraction=0.25, seed=0, spatial_size=32)
+        with open(os.path.join(self.out, DATALIST_NAME)) as f:
+            self.assertEqual(json.load(f)["subjects"], dl["subjects"])
+
+    def test_datalist_json_source(self):
+        items = [
+            {"image": [f"src/{n}/{n}_{m}.nii.gz" for m in MODALITIES], "label": f"src/{n}/{n}_seg.nii.gz"}
+            for n in self.names
+        ]
+        path = os.path.join(self.tmp.name, "list.json")
+        with open(path, "w") as f:
+            json.dump({"training": items}, f)
+        cases = find_brats_cases(path)
+        self.assertEqual([c["subject"] for c in cases], self.names)
+        self.assertTrue(os.path.isfile(cases[0]["label"]))
+
+    def test_missing_and_extra_modality(self):
+        folder = os.path.join(self.src, self.names[1])
+        os.remove(os.path.join(folder, f"{self.names[1]}_flair.nii.gz"))
+        with self.assertRaisesRegex(ValueError, f"{self.names[1]}.*lacks modality file\\(s\\) flair"):
+            prepare_brats(self.src, self.out)
+        self.assertFalse(os.path.exists(os.path.join(self.out, DATALIST_NAME)))
+        os.rename(os.path.join(folder, f"{self.names[1]}_t1.nii.gz"), os.path.join(folder, f"{self.names[1]}_dwi.nii.gz"))
+        with self.assertRaisesRegex(ValueError, "unexpected file .*_dwi.nii.gz"):
+            find_brats_cases(self.src)
+
+    def test_unreadable_file_cli(self):
+        bad = os.path.join(self.src, self.names[2], f"{self.names[2]}_t2.nii.gz")
+        with open(bad, "wb") as f:
+            f.write(b"not a nifti file")
+        with self.assertRaisesRegex(ValueError, f"cannot read image file {bad}"):
+            prepare_brats(self.src, self.out)
+        proc = subprocess.run(
+            [sys.executable, "-m", "berdiff", "prepare_brats", "--src", self.src, "--out", self.out],
+            capture_output=True, text=True, timeout=120,
+        )
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn(f"ValueError: cannot read image file {bad}", proc.stderr.strip().splitlines()[-1])
+        self.assertFalse(os.path.exists(os.path.join(self.out, DATALIST_NAME)))
+
+
+if __name__ == "__main__":
+    unittest.main()
