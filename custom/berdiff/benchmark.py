@@ -585,13 +585,13 @@ def benchmark(
     diffusion_lr: float = 5e-4,
     max_train_seconds: float | None = None,
     num_train_timesteps: int = 1000,
-    noise_levels: Sequence[int] = (50, 100, 200, 300, 500),
+    noise_levels: Sequence[int] = (50, 100, 200, 300),
     prob_thresholds: Sequence[float] = (0.5, 0.6, 0.8),
-    ddpm_noise_levels: Sequence[int] = (100, 200, 300, 500),
-    tune_steps: int = 20,
-    k_values: Sequence[int] = (5, 10, 20, 50, 100),
+    ddpm_noise_levels: Sequence[int] = (100, 200, 300),
+    tune_steps: int = 10,
+    k_values: Sequence[int] = (5, 10, 25, 50, 100),
     k_tolerance: float = 0.01,
-    ddpm_steps: int = 20,
+    ddpm_steps: int = 10,
     ddpm_eta: float = 0.0,
     timing_slices: int = 5,
     eval_batch_size: int = 8,
@@ -623,7 +623,7 @@ def benchmark(
         noise_levels, prob_thresholds: (L, P) grid of masked Bernoulli diffusion (L grid also for unmasked).
         ddpm_noise_levels: L grid of the DDPM.
         tune_steps: K used in the (L, P) and L sweeps (``min(K, L)``).
-        k_values: K grid of the K sweep (values above L are dropped; L itself is added).
+        k_values: K grid of the K sweep (values above L are dropped; K = L is the full, unstrided schedule).
         k_tolerance: the tuned K is the smallest K whose tuning Dice is within this of the best K's.
         ddpm_steps: K of the DDPM.
         ddpm_eta: DDIM eta of the DDPM (0 deterministic, 1 ancestral).
@@ -790,7 +790,7 @@ def benchmark(
         tuning["masked_lp"] = rows
         L, P = best["L"], best["P"]
         k_rows = []
-        for K in sorted({k for k in k_values if k <= L} | {L}):
+        for K in sorted({k for k in k_values if k <= L} | {best["K"]}):
             r = best if K == best["K"] else tune_eval(bern_fn(L, P, K, True))
             r = {**r, "K": K}
             k_rows.append(r)
