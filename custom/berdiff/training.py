@@ -24,6 +24,7 @@ from monai.engines import AdversarialTrainer, SupervisedTrainer
 from monai.inferers import Inferer
 from monai.losses import PatchAdversarialLoss
 from monai.transforms import MapTransform
+from monai.utils import AdversarialKeys
 
 from berdiff.networks.anomaly_pipeline import AnomalyPipeline
 
@@ -31,6 +32,7 @@ __all__ = [
     "ReconstructionInferer",
     "DelayedAdversarialLoss",
     "autoencoder_trainer",
+    "training_loss_output",
     "EncodeImaged",
     "load_weights",
     "latest_checkpoint",
@@ -146,7 +148,22 @@ def autoencoder_trainer(
     for loss in (g_adv_loss, d_adv_loss):
         if hasattr(loss, "attach"):
             loss.attach(trainer)
+    # the trainer's state_dict would otherwise hold the networks and optimisers themselves (not loadable with
+    # weights_only=True); they are checkpointed separately, so keep only the progress (epoch, iteration)
+    trainer._state_dict_user_keys.clear()
     return trainer
+
+
+def training_loss_output(output: Mapping[str, Any]) -> float | dict[str, float]:
+    """
+    ``output_transform`` for ``StatsHandler`` / ``TensorBoardStatsHandler`` of the stage-1 trainers (``decollate``
+    off): the loss of ``SupervisedTrainer``; the reconstruction, generator and discriminator losses of
+    ``AdversarialTrainer``.
+    """
+    if AdversarialKeys.RECONSTRUCTION_LOSS in output:
+        keys = (AdversarialKeys.RECONSTRUCTION_LOSS, AdversarialKeys.GENERATOR_LOSS, AdversarialKeys.DISCRIMINATOR_LOSS)
+        return {f"train_{k}": float(output[k]) for k in keys if k in output}
+    return float(output["loss"])
 
 
 class EncodeImaged(MapTransform):
