@@ -18,7 +18,7 @@ from monai.bundle import ConfigWorkflow
 
 from berdiff.data.brats import prepare_brats
 from berdiff.networks import AnomalyPipeline, autoencoder_from_preset, denoiser_from_preset
-from berdiff.training import latest_checkpoint
+from berdiff.training import DelayedAdversarialLoss, latest_checkpoint, training_loss_output
 from tests.data.test_brats import write_brats_subjects
 
 BUNDLE = os.path.join(os.path.dirname(__file__), "..", "..", "bundles", "brats_mri_bernoulli_anomaly")
@@ -122,6 +122,29 @@ class TestBratsTraining(unittest.TestCase):
         wf.finalize()
         self.assertEqual(seen, {"iteration": stopped + 1, "model": True, "ema": True})
         self.assertEqual((trainer.state.iteration, trainer.state.epoch), (4, 2))
+
+    def test_adversarial_stage1(self):
+        g_loss, d_loss = DelayedAdversarialLoss(False, 0.5, start_iteration=2), DelayedAdversarialLoss(True, 1.0, 2)
+        fake, real = torch.randn(2, 1, 4, 4, requires_grad=True), torch.randn(2, 1, 4, 4)
+        g_loss.iteration = d_loss.iteration = 1
+        self.assertEqual((g_loss([fake]).item(), d_loss([real], [fake]).item()), (0.0, 0.0))
+        d_loss([real], [fake]).backward()  # zero but differentiable before the start
+        g_loss.iteration = d_loss.iteration = 2
+        self.assertGreater(g_loss([fake]).item(), 0.0)
+        self.assertGreater(d_loss(real, fake).item(), 0.0)
+
+        tmp = os.path.join(self.tmp, "adversarial")
+        wf = _workflow(AE_CONFIG, tmp, self.data, adversarial=True, adv_start_iteration=2)
+        self.assertEqual(wf.check_properties(), [])
+        trainer = wf.parser.get_parsed_content("train#trainer")
+        wf.run()
+        wf.finalize()
+        self.assertEqual(type(trainer).__name__, "AdversarialTrainer")
+        losses = training_loss_output(trainer.state.output)
+        self.assertGreater(losses["train_discriminator_loss"], 0.0)  # active at iteration 2
+        ckpt = torch.load(os.path.join(tmp, "models", "stages", "autoencoder", "checkpoint_final.pt"), weights_only=True)
+        self.assertEqual(int(ckpt["trainer"]["iteration"]), 2)
+        self.assertIn("discriminator", ckpt)
 
     def test_ddp_two_processes_gloo(self):
         tmp = os.path.join(self.tmp, "ddp")
