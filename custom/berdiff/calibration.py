@@ -146,7 +146,7 @@ def calibrate(
     max_cases: int | None = None,
     allow_random_weights: bool = False,
     **overrides: Any,
-) -> str:
+) -> str | None:
     """
     Runs the bundle's inference pipeline (``network_def`` and ``inferer`` of ``configs/inference.yaml`` with the
     weights ``ckpt_path``, default ``models/model.pt``) on healthy validation volumes and writes the threshold on the
@@ -171,11 +171,14 @@ def calibrate(
         overrides: config overrides, e.g. ``noise_level=100``, ``num_inference_steps=25``, ``preset="small"``.
 
     Returns:
-        the path of the written JSON (keys ``threshold``, ``fpr``, ``achieved_fpr``, ``num_values``, ``num_cases``,
+        None for ``--help``, otherwise the path of the written JSON (keys ``threshold``, ``fpr``, ``achieved_fpr``, ``num_values``, ``num_cases``,
         ``settings``, ...).
     """
     from monai.bundle import ConfigParser
 
+    if overrides.pop("help", False) or overrides.pop("h", False):  # fire passes --help into **overrides
+        print(calibrate.__doc__)
+        return None
     if datalist is None:
         raise ValueError("calibrate needs --datalist: a JSON list of healthy validation volumes.")
     fpr = float(fpr)
