@@ -5,10 +5,14 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["COMMANDS", "main"]
+__all__ = ["COMMANDS", "USER_ERRORS", "main"]
+
+#: exceptions that mean "bad input or settings": printed as one line instead of a stack trace
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 #: command name -> "module:function"
 COMMANDS: dict[str, str] = {
@@ -33,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Dispatch ``argv`` (default ``sys.argv[1:]``) to the named command through ``fire``."""
     import fire
 
+    from berdiff.transforms import root_cause
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
@@ -42,4 +48,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2)
     module_name, func_name = COMMANDS[argv[0]].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    fire.Fire({argv[0]: func}, command=argv, name="python -m berdiff")
+    try:
+        fire.Fire({argv[0]: func}, command=argv, name="python -m berdiff")
+    except USER_ERRORS as e:  # bad input: one clear line, no stack trace (BERDIFF_DEBUG=1 shows it)
+        if os.environ.get("BERDIFF_DEBUG"):
+            raise
+        print(f"error: {root_cause(e)}", file=sys.stderr)
+        raise SystemExit(1) from None
