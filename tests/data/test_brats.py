@@ -141,7 +141,8 @@ class TestPrepareBrats(unittest.TestCase):
             capture_output=True, text=True, timeout=120,
         )
         self.assertNotEqual(proc.returncode, 0)
-        self.assertIn(f"ValueError: cannot read image file {bad}", proc.stderr.strip().splitlines()[-1])
+        self.assertIn(f"cannot read image file {bad}", proc.stderr.strip().splitlines()[-1])
+        self.assertNotIn("Traceback", proc.stderr)  # one clear line, no stack trace
         self.assertFalse(os.path.exists(os.path.join(self.out, DATALIST_NAME)))
 
 
