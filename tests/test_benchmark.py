@@ -113,6 +113,7 @@ class TestMiniBenchmark(unittest.TestCase):
             for key in ("dice_fixed", "dice_tuned", "dice_oracle"):
                 self.assertTrue(0.0 <= t[key] <= 1.0, (m, key, t[key]))
             self.assertTrue(0.0 <= t["auroc"] <= 1.0 and 0.0 <= t["auprc"] <= 1.0, m)
+            self.assertTrue(0.0 <= t["auroc_brain_pooled"] <= 1.0 and 0.0 <= t["auprc_brain_pooled"] <= 1.0, m)
             self.assertGreaterEqual(t["dice_oracle"], t["dice_fixed"] - 1e-9, m)
             self.assertGreater(r["timing"]["seconds_per_slice"], 0.0)
             self.assertGreater(r["params"], 0)
