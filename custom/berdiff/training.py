@@ -162,8 +162,8 @@ def training_loss_output(output: Mapping[str, Any]) -> float | dict[str, float]:
     """
     if AdversarialKeys.RECONSTRUCTION_LOSS in output:
         keys = (AdversarialKeys.RECONSTRUCTION_LOSS, AdversarialKeys.GENERATOR_LOSS, AdversarialKeys.DISCRIMINATOR_LOSS)
-        return {f"train_{k}": float(output[k]) for k in keys if k in output}
-    return float(output["loss"])
+        return {f"train_{k}": float(torch.as_tensor(output[k]).detach()) for k in keys if k in output}
+    return float(torch.as_tensor(output["loss"]).detach())
 
 
 class EncodeImaged(MapTransform):
