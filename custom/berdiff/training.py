@@ -208,7 +208,8 @@ def load_weights(module: nn.Module, path: str | Sequence[str], key: str | None =
     candidates = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     found = next((p for p in candidates if os.path.isfile(p)), None)
     if found is None:
-        raise FileNotFoundError(f"checkpoint not found: {', '.join(map(str, candidates))} (train the earlier stage first).")
+        names = ", ".join(map(str, candidates))
+        raise FileNotFoundError(f"checkpoint not found: {names} (train the earlier stage first).")
     state = torch.load(found, map_location="cpu", weights_only=True)
     if key is not None:
         state = state[key]

@@ -84,7 +84,8 @@ class TestBratsTraining(unittest.TestCase):
         pipeline = AnomalyPipeline(autoencoder_from_preset("tiny", in_channels=4), denoiser_from_preset("tiny"))
         pipeline.load_state_dict(state, strict=True)
         best_ae = torch.load(os.path.join(stage1, "autoencoder_best.pt"), weights_only=True)
-        ema_unet = torch.load(os.path.join(tmp, "models", "stages", "diffusion", "denoiser_final.pt"), weights_only=True)
+        ema_path = os.path.join(tmp, "models", "stages", "diffusion", "denoiser_final.pt")
+        ema_unet = torch.load(ema_path, weights_only=True)
         self.assertTrue(all(torch.equal(state[f"autoencoder.{k}"], v) for k, v in best_ae.items()))
         self.assertTrue(all(torch.equal(state[f"unet.{k}"], v) for k, v in ema_unet.items()))
         with torch.no_grad():
@@ -142,7 +143,8 @@ class TestBratsTraining(unittest.TestCase):
         self.assertEqual(type(trainer).__name__, "AdversarialTrainer")
         losses = training_loss_output(trainer.state.output)
         self.assertGreater(losses["train_discriminator_loss"], 0.0)  # active at iteration 2
-        ckpt = torch.load(os.path.join(tmp, "models", "stages", "autoencoder", "checkpoint_final.pt"), weights_only=True)
+        ckpt_path = os.path.join(tmp, "models", "stages", "autoencoder", "checkpoint_final.pt")
+        ckpt = torch.load(ckpt_path, weights_only=True)
         self.assertEqual(int(ckpt["trainer"]["iteration"]), 2)
         self.assertIn("discriminator", ckpt)
 
@@ -155,7 +157,7 @@ class TestBratsTraining(unittest.TestCase):
             "--spatial_size", "32", "--batch_size", "4", "--num_workers", "0", "--max_epochs", "1",
         ]
         for stage in ("autoencoder", "diffusion"):
-            configs = [os.path.join(CONFIGS, f"train_{stage}.yaml"), os.path.join(CONFIGS, f"multi_gpu_train_{stage}.yaml")]
+            configs = [os.path.join(CONFIGS, f"{name}_{stage}.yaml") for name in ("train", "multi_gpu_train")]
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                    "-m", "monai.bundle", "run", "training", "--config_file", repr(configs), *common]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
@@ -164,7 +166,8 @@ class TestBratsTraining(unittest.TestCase):
             # 13 slices over 2 ranks with batch 4: 2 iterations per rank, logged by rank 0 only
             self.assertEqual(log.count("Iter: 2/2 -- train_loss"), 1, log[-3000:])
         state = torch.load(os.path.join(tmp, "models", "model.pt"), weights_only=True)
-        AnomalyPipeline(autoencoder_from_preset("tiny", in_channels=4), denoiser_from_preset("tiny")).load_state_dict(state)
+        pipeline = AnomalyPipeline(autoencoder_from_preset("tiny", in_channels=4), denoiser_from_preset("tiny"))
+        pipeline.load_state_dict(state)
 
 
 if __name__ == "__main__":

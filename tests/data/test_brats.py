@@ -126,7 +126,8 @@ class TestPrepareBrats(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, f"{self.names[1]}.*lacks modality file\\(s\\) flair"):
             prepare_brats(self.src, self.out)
         self.assertFalse(os.path.exists(os.path.join(self.out, DATALIST_NAME)))
-        os.rename(os.path.join(folder, f"{self.names[1]}_t1.nii.gz"), os.path.join(folder, f"{self.names[1]}_dwi.nii.gz"))
+        prefix = os.path.join(folder, self.names[1])
+        os.rename(f"{prefix}_t1.nii.gz", f"{prefix}_dwi.nii.gz")
         with self.assertRaisesRegex(ValueError, "unexpected file .*_dwi.nii.gz"):
             find_brats_cases(self.src)
 
