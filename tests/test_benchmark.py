@@ -131,6 +131,9 @@ class TestMiniBenchmark(unittest.TestCase):
         self.assertTrue({(100, 0.6), (200, 0.5), (300, 0.8), (100, 0.5), (200, 0.5)} <= lp)
         for row in tuning["masked_lp"]:
             self.assertEqual(row["n_slices"], data["n_tune"])
+            self.assertTrue(0.0 <= row["mask_fraction"] <= 1.0)
+        for row in tuning["unmasked_l"]:
+            self.assertEqual(row["mask_fraction"], 1.0)  # no masking: every latent entry may change
         masked = self.res["methods"]["masked"]["settings"]
         self.assertIn((masked["L"], masked["P"]), lp)
         self.assertEqual(sorted(r["K"] for r in tuning["masked_k"]), [1, 2, 3])  # the K grid and tune_steps
