@@ -2,6 +2,8 @@
 # Licensed under the Apache License, Version 2.0 (the "License").
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import tempfile
 import unittest
@@ -175,8 +177,11 @@ class TestMakeDemoDataOptions(unittest.TestCase):
             self.assertEqual([s["case"] for s in manifest["subjects"]], ["Demo_000", "Demo_001"])
             self.assertEqual(sum(s["has_tumour"] for s in manifest["subjects"]), 1)
             self.assertEqual(manifest["seed"], 3)
-            with self.assertRaises(FileExistsError):
+            # the CLI turns the FileExistsError into one "error:" line and exit status 1
+            with contextlib.redirect_stderr(io.StringIO()) as err, self.assertRaises(SystemExit) as ctx:
                 cli_main([*args, "--num_subjects", "1"])
+            self.assertEqual(ctx.exception.code, 1)
+            self.assertIn("error:", err.getvalue())
             # overwrite replaces the set and removes cases of the previous manifest
             cli_main([*args, "--num_subjects", "1", "--tumour_fraction", "1", "--overwrite"])
             self.assertEqual(sorted(p.name for p in out.iterdir()), ["Demo_000", "manifest.json"])
