@@ -56,6 +56,7 @@ def demo(
     tumour_fraction: float = 0.5,
     val_fraction: float = 0.25,
     seed: int = 0,
+    spacing: float = 2.0,
     preset: str = "small",
     spatial_size: int = 128,
     slice_start: int = 30,
@@ -66,6 +67,7 @@ def demo(
     diffusion_epochs: int = 20,
     diffusion_batch_size: int = 32,
     diffusion_learning_rate: float = 5e-4,
+    ema_momentum: float = 0.02,
     noise_level: int = 300,
     prob_threshold: float = 0.5,
     num_inference_steps: int = 10,
@@ -86,6 +88,7 @@ def demo(
         tumour_fraction: share of subjects with a tumour.
         val_fraction: share of subjects held out (validation during training, then the test subjects).
         seed: seed of the data generator and of the subject split.
+        spacing: voxel size (mm) of the synthetic volumes.
         preset: network sizes (see docs/networks.md).
         spatial_size: in-plane size of the slices.
         slice_start: first axial slice used for training (the demo volumes have 96 axial slices at 2 mm).
@@ -96,6 +99,7 @@ def demo(
         diffusion_epochs: stage-2 epochs.
         diffusion_batch_size: stage-2 batch size.
         diffusion_learning_rate: stage-2 learning rate.
+        ema_momentum: EMA momentum of both stages (large, because the demo trains for few iterations).
         noise_level: L.
         prob_threshold: P.
         num_inference_steps: K (strided schedule from L - 1 to 0).
@@ -130,7 +134,9 @@ def demo(
 
     print(f"[1/6] generating {num_subjects} synthetic subjects -> {data_dir}", flush=True)
     t = time.perf_counter()
-    make_demo_data(str(data_dir), num_subjects=num_subjects, tumour_fraction=tumour_fraction, seed=seed)
+    make_demo_data(
+        str(data_dir), num_subjects=num_subjects, tumour_fraction=tumour_fraction, seed=seed, spacing=spacing
+    )
     timings["make_demo_data"] = time.perf_counter() - t
 
     print(f"[2/6] preparing slices -> {prep_dir}", flush=True)
@@ -153,6 +159,7 @@ def demo(
         "--spatial_size", str(spatial_size),
         "--num_workers", "0",
         "--seed", str(seed),
+        "--ema_momentum", str(ema_momentum),
     ]
     print("[3/6] stage 1: binarizing autoencoder", flush=True)
     timings["train_autoencoder"] = _run(
@@ -217,7 +224,7 @@ def demo(
         "test_cases": [Path(v["label"]).name for v in test_volumes],
         "settings": {
             "num_subjects": num_subjects, "tumour_fraction": tumour_fraction, "val_fraction": val_fraction,
-            "seed": seed, "preset": preset, "spatial_size": spatial_size, "slice_range": [slice_start, slice_stop],
+            "seed": seed, "spacing": spacing, "preset": preset, "spatial_size": spatial_size, "slice_range": [slice_start, slice_stop],
             "ae_epochs": ae_epochs, "diffusion_epochs": diffusion_epochs, "noise_level": noise_level,
             "prob_threshold": prob_threshold, "num_inference_steps": num_inference_steps,
         },
