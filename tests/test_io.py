@@ -21,7 +21,6 @@ from berdiff.io import (
     case_name,
     case_name_formatter,
     check_checkpoint,
-    find_brats_cases,
     inference_datalist,
     load_datalist,
 )
@@ -129,20 +128,20 @@ class TestDatalists(unittest.TestCase):
         _touch_case(self.tmp, "B_2", seg=True)
         _touch_case(self.tmp, "B_1")
         os.makedirs(os.path.join(self.tmp, "not_a_case"))
-        cases = find_brats_cases(self.tmp)
+        cases = inference_datalist(dataset_dir=self.tmp)
         self.assertEqual([c["case"] for c in cases], ["B_1", "B_2"])
         self.assertEqual([os.path.basename(f) for f in cases[0]["image"]], [f"B_1_{m}.nii.gz" for m in MODS])
         self.assertNotIn("label", cases[0])
         self.assertTrue(cases[1]["label"].endswith("B_2_seg.nii.gz"))
 
     def test_brats_folder_errors(self):
-        with self.assertRaisesRegex(ValueError, "not a folder"):
-            find_brats_cases(os.path.join(self.tmp, "nope"))
-        with self.assertRaisesRegex(ValueError, "no BraTS case"):
-            find_brats_cases(self.tmp)
+        with self.assertRaisesRegex(ValueError, "source not found"):
+            inference_datalist(dataset_dir=os.path.join(self.tmp, "nope"))
+        with self.assertRaisesRegex(ValueError, "no cases found"):
+            inference_datalist(dataset_dir=self.tmp)
         _touch_case(self.tmp, "B_3", mods=("t1", "t2"))
         with self.assertRaisesRegex(ValueError, r"lacks modality.*t1ce"):
-            find_brats_cases(self.tmp)
+            inference_datalist(dataset_dir=self.tmp)
 
     def test_datalist_json(self):
         path = os.path.join(self.tmp, "list.json")

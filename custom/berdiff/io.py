@@ -13,7 +13,6 @@ names, atomic NIfTI and JSON writers, and the model checkpoint check.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -24,6 +23,7 @@ from typing import Any
 from monai.data import NibabelWriter
 from monai.utils import ImageMetaKey
 
+from berdiff.data.brats import find_brats_cases
 from berdiff.transforms import BRATS_MODALITIES
 
 __all__ = [
@@ -31,7 +31,6 @@ __all__ = [
     "atomic_write_json",
     "case_name",
     "case_name_formatter",
-    "find_brats_cases",
     "load_datalist",
     "inference_datalist",
     "check_checkpoint",
@@ -153,57 +152,6 @@ def case_name_formatter(metadict: dict | None, saver: Any = None) -> dict:
     return {"subject": subject, "idx": metadict.get(ImageMetaKey.PATCH_INDEX, None)}
 
 
-def find_brats_cases(dataset_dir: os.PathLike | str, modalities: Sequence[str] = BRATS_MODALITIES) -> list[dict]:
-    """
-    Cases of a BraTS-layout folder: ``<dataset_dir>/<case>/<case>_<modality>.nii.gz`` (``.nii`` also accepted),
-    one sub-folder per case. A ``<case>_seg`` file, when present, is returned under ``label``.
-
-    Args:
-        dataset_dir: the folder.
-        modalities: modality suffixes in channel order.
-
-    Returns:
-        a list of ``{"image": [files...], "case": name}`` (plus ``"label"``), sorted by case.
-
-    Raises:
-        ValueError: the folder does not exist, holds no case, or a case lacks a modality.
-    """
-    dataset_dir = os.fspath(dataset_dir)
-    if not os.path.isdir(dataset_dir):
-        raise ValueError(f"dataset_dir is not a folder: {dataset_dir}")
-    cases = []
-    for folder in sorted(glob.glob(os.path.join(dataset_dir, "*"))):
-        if not os.path.isdir(folder):
-            continue
-        name = os.path.basename(folder)
-
-        def _find(suffix: str, folder: str = folder, name: str = name) -> str | None:
-            for ext in (".nii.gz", ".nii"):
-                path = os.path.join(folder, f"{name}_{suffix}{ext}")
-                if os.path.isfile(path):
-                    return path
-            return None
-
-        files = [_find(m) for m in modalities]
-        if all(f is None for f in files):
-            continue  # not a case folder
-        missing = [m for m, f in zip(modalities, files) if f is None]
-        if missing:
-            raise ValueError(
-                f"case {name} in {dataset_dir} lacks modality file(s) {missing} ({name}_<modality>.nii.gz)."
-            )
-        item: dict[str, Any] = {"image": files, "case": name}
-        seg = _find("seg")
-        if seg is not None:
-            item["label"] = seg
-        cases.append(item)
-    if not cases:
-        raise ValueError(
-            f"no BraTS case found in {dataset_dir}: expected <case>/<case>_{{{','.join(modalities)}}}.nii.gz."
-        )
-    return cases
-
-
 def _resolve(path: Any, base_dir: str) -> Any:
     if isinstance(path, (list, tuple)):
         return [_resolve(p, base_dir) for p in path]
@@ -262,7 +210,8 @@ def inference_datalist(
 ) -> list[dict]:
     """
     The list of cases to run, from the first input that is set: a single case ``image`` (one 4-channel NIfTI or one
-    file per modality), a datalist JSON (:func:`load_datalist`), or a BraTS-layout folder (:func:`find_brats_cases`).
+    file per modality), a datalist JSON (:func:`load_datalist`), or a BraTS-layout folder
+    (:func:`berdiff.data.brats.find_brats_cases`).
     Every item gets a ``case`` name.
 
     Args:
@@ -280,7 +229,12 @@ def inference_datalist(
     elif datalist:
         items = load_datalist(datalist, datalist_key)
     elif dataset_dir:
-        items = find_brats_cases(dataset_dir, modalities)
+        if tuple(modalities) != tuple(BRATS_MODALITIES):
+            raise ValueError(f"a BraTS-layout dataset_dir needs the modalities {BRATS_MODALITIES}, got {modalities}.")
+        items = [
+            {"image": c["image"], "case": c["subject"], **({"label": c["label"]} if "label" in c else {})}
+            for c in find_brats_cases(os.fspath(dataset_dir), require_label=False)
+        ]
     else:
         raise ValueError("no input given: set one of image, datalist or dataset_dir.")
     for item in items:

@@ -308,7 +308,7 @@ class TestBratsInferenceOptions(unittest.TestCase):
         cmd[cmd.index("--image") : cmd.index("--image") + 2] = ["--dataset_dir", os.path.join(self.tmp, "nowhere")]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=BUNDLE, timeout=120)
         self.assertEqual(proc.returncode, 1, proc.stderr[-2000:])
-        self.assertIn("error: dataset_dir is not a folder", proc.stderr)
+        self.assertIn("error: source not found", proc.stderr)
         self.assertNotIn("Traceback", proc.stdout + proc.stderr)
 
 

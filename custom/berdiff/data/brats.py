@@ -97,6 +97,10 @@ def _case_from_folder(folder: str, require_label: bool) -> dict[str, Any]:
     return case
 
 
+def _has_nifti(folder: str) -> bool:
+    return any(_NIFTI.match(n) and not n.startswith(".") for n in os.listdir(folder))
+
+
 def _subject_from_path(path: str) -> str:
     name = os.path.basename(path)
     match = _NIFTI.match(name)
@@ -143,7 +147,8 @@ def find_brats_cases(src: str, require_label: bool = True, datalist_key: str = "
             cases.append(case)
     elif os.path.isdir(src):
         folders = [os.path.join(src, d) for d in sorted(os.listdir(src)) if not d.startswith(".")]
-        cases = [_case_from_folder(f, require_label) for f in folders if os.path.isdir(f)]
+        # sub-folders without any NIfTI file (e.g. an output folder) are not cases
+        cases = [_case_from_folder(f, require_label) for f in folders if os.path.isdir(f) and _has_nifti(f)]
     else:
         raise ValueError(f"source not found: {src} (expected a BraTS-layout folder or a datalist JSON file).")
     if not cases:
