@@ -116,6 +116,7 @@ class TestMiniBenchmark(unittest.TestCase):
             self.assertTrue(0.0 <= t["auroc_brain_pooled"] <= 1.0 and 0.0 <= t["auprc_brain_pooled"] <= 1.0, m)
             self.assertGreaterEqual(t["dice_oracle"], t["dice_fixed"] - 1e-9, m)
             self.assertGreater(r["timing"]["seconds_per_slice"], 0.0)
+            self.assertGreater(r["timing"]["peak_memory_mib"], 0.0)
             self.assertGreater(r["params"], 0)
             self.assertIn(r["threshold"], [round(0.05 * k, 2) for k in range(1, 20)])
         self.assertAlmostEqual(res["methods"]["masked"]["speed_ratio_to_masked"], 1.0)

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import statistics
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -272,19 +271,16 @@ def _n_params(*modules: nn.Module) -> int:
 
 
 class _PeakMemory:
-    """Peak memory increase over a block: CUDA allocator peak on GPU, sampled resident set size on CPU (Linux)."""
+    """
+    Peak tensor memory allocated during a block, above what was allocated before it (network weights excluded):
+    the CUDA allocator's peak on GPU; on CPU the running sum of the allocations and frees that
+    ``torch.profiler`` records with ``profile_memory=True``, in time order (the resident set size of a process is
+    useless here: the CPU allocator reuses freed blocks).
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak_mib = float("nan")
-
-    @staticmethod
-    def _rss() -> int | None:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            return None
 
     def __enter__(self) -> _PeakMemory:
         if self.device.type == "cuda":
@@ -292,19 +288,10 @@ class _PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             return self
-        self._base = self._rss()
-        self._peak = self._base
-        self._stop = threading.Event()
+        from torch.profiler import ProfilerActivity, profile
 
-        def sample() -> None:
-            while not self._stop.is_set():
-                rss = self._rss()
-                if rss is not None and self._peak is not None:
-                    self._peak = max(self._peak, rss)
-                time.sleep(0.002)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -312,11 +299,12 @@ class _PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak_mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
             return
-        self._stop.set()
-        self._thread.join()
-        rss = self._rss()
-        if self._base is not None and rss is not None and self._peak is not None:
-            self.peak_mib = (max(self._peak, rss) - self._base) / 2**20
+        self._prof.__exit__(*exc)
+        running = peak = 0
+        for event in sorted(self._prof.events(), key=lambda e: e.time_range.start):
+            running += event.self_cpu_memory_usage
+            peak = max(peak, running)
+        self.peak_mib = peak / 2**20
 
 
 RunFn = Callable[[torch.Tensor, Sequence[int]], dict[str, torch.Tensor]]
@@ -350,24 +338,26 @@ def _run(
 
 
 def _time(fn: RunFn, images: np.ndarray, n: int, device: torch.device) -> dict[str, Any]:
-    """Median seconds per slice over ``n`` single-slice runs (after one warm-up) and the peak memory of those runs."""
+    """Median seconds per slice over ``n`` single-slice runs (after one warm-up), then the peak tensor memory of one
+    more single-slice run (measured separately: the CPU memory profiler slows the run down)."""
     x_all = torch.as_tensor(images[: max(1, n)], dtype=torch.float32, device=device)[:, None]
     fn(x_all[:1], [0])  # warm-up
-    times, peaks = [], []
+    times = []
     for i in range(max(1, n)):
         x = x_all[i % len(x_all)][None]
-        with _PeakMemory(device) as mem:
-            start = time.perf_counter()
-            fn(x, [i])
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-        peaks.append(mem.peak_mib)
-    finite = [p for p in peaks if math.isfinite(p)]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn(x, [i])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    with _PeakMemory(device) as mem:
+        fn(x_all[:1], [0])
     return {
         "seconds_per_slice": float(statistics.median(times)),
         "seconds_all": times,
-        "peak_memory_mib": float(statistics.median(finite)) if finite else float("nan"),
+        "peak_memory_mib": float(mem.peak_mib),
     }
 
 
@@ -488,8 +478,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         "`average_precision_score`), averaged; *slice AUROC*: lesion vs healthy slices scored by the 99th percentile "
         "of the raw map inside the brain mask; *brain AUROC/AUPRC*: raw map, pooled over all pixels of the lesion "
         "slices inside their brain masks (no median filter); PSNR of the reconstruction of healthy slices. Time: median of "
-        f"{s['timing_slices']} single-slice runs in the same process; memory: peak increase of the process's "
-        "resident memory (CPU) or of the CUDA allocator (GPU) during those runs.",
+        f"{s['timing_slices']} single-slice runs in the same process, all methods timed back to back; *peak MiB*: peak "
+        "tensor memory of one single-slice run above the weights (torch.profiler allocation trace on CPU, CUDA "
+        "allocator peak on GPU).",
         "",
         "| method | settings | Dice@0.5 | Dice@t* (t*) | oracle Dice | AUROC | AUPRC | brain AUROC | brain AUPRC "
         "| slice AUROC | PSNR healthy | s / slice | x masked | peak MiB | params | train s |",
