@@ -76,11 +76,11 @@ DENOISER_PRESETS: dict[str, dict[str, Any]] = {
         "norm_num_groups": 32,
     },
     Preset.SMALL: {
-        "channels": (64, 128, 128),
+        "channels": (32, 64, 64),
         "attention_levels": (False, False, True),
         "num_res_blocks": 1,
-        "num_head_channels": (64, 128, 128),
-        "norm_num_groups": 32,
+        "num_head_channels": (32, 64, 64),
+        "norm_num_groups": 16,
     },
     Preset.TINY: {
         "channels": (8, 8),
