@@ -118,6 +118,23 @@ class TestMaskedBernoulliInferer(unittest.TestCase):
         one_gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
         self.assertTrue(torch.equal(inf(x, ae, unet, one_gen())["code"], inf(x, ae, unet, one_gen())["code"]))
 
+    def test_autoencoder_reference_is_zero_outside_changed_code(self):
+        ae, region = _ae(), (slice(2, 5), slice(3, 6))
+        sch = BernoulliScheduler(num_train_timesteps=100)
+        x = torch.rand(1, 2, 16, 16)
+        kw = {"noise_level": 40, "prob_threshold": 0.5}
+        gen = lambda: torch.Generator().manual_seed(2)  # noqa: E731
+        a = MaskedBernoulliInferer(sch, anomaly_reference="autoencoder", **kw)(x, ae, RegionFlipDenoiser(region), gen())
+        b = MaskedBernoulliInferer(sch, **kw)(x, ae, RegionFlipDenoiser(region), gen())
+        self.assertTrue(torch.equal(a["reconstruction"], b["reconstruction"]))
+        expected = ((a["reconstruction"] - ae.decode(a["input_code"]).clamp(0, 1)) ** 2).sum(1, keepdim=True)
+        self.assertTrue(torch.allclose(a["anomaly_map"], expected))
+        # far from the healed region (decoder receptive field aside) nothing changed
+        self.assertLess(a["anomaly_map"][..., 14:, :2].max().item(), b["anomaly_map"][..., 14:, :2].max().item() + 1e-6)
+        self.assertGreater(a["anomaly_map"].max().item(), 0.0)
+        with self.assertRaises(ValueError):
+            MaskedBernoulliInferer(sch, anomaly_reference="healthy", **kw)
+
     def test_unmasked_and_soft_final(self):
         ae = _ae()
         den = RegionFlipDenoiser((slice(2, 5), slice(3, 6)))

@@ -20,7 +20,7 @@ from monai.utils import StrEnum
 
 from berdiff.schedulers import BernoulliScheduler, bernoulli, uniform_like
 
-__all__ = ["FinalCode", "LatentReduction", "MaskedBernoulliInferer"]
+__all__ = ["AnomalyReference", "FinalCode", "LatentReduction", "MaskedBernoulliInferer"]
 
 GeneratorLike = torch.Generator | Sequence[torch.Generator] | None
 
@@ -35,6 +35,20 @@ class FinalCode(StrEnum):
 
     BINARY = "binary"
     SOFT = "soft"
+
+
+class AnomalyReference(StrEnum):
+    """
+    What the pseudo-healthy reconstruction is compared with in ``anomaly_map``.
+
+    input: the input image, ``sum_c (x_hat - x)^2`` (the paper's map).
+    autoencoder: the autoencoder's reconstruction of the input code, ``sum_c (x_hat - D(z_in))^2``: only what the
+        masked denoising changed, without the autoencoder's own reconstruction error (zero wherever the code was
+        kept). Useful when the autoencoder is imperfect (short training); costs one extra decoding.
+    """
+
+    INPUT = "input"
+    AUTOENCODER = "autoencoder"
 
 
 class LatentReduction(StrEnum):
@@ -65,6 +79,7 @@ class MaskedBernoulliInferer(Inferer):
         final_code: a :class:`FinalCode`.
         masked: False switches the masking off (plain partial denoising, the "unmasked" ablation).
         latent_reduction: a :class:`LatentReduction` over latent channels for ``latent_flip_map``.
+        anomaly_reference: an :class:`AnomalyReference`: what ``anomaly_map`` compares the reconstruction with.
     """
 
     def __init__(
@@ -76,6 +91,7 @@ class MaskedBernoulliInferer(Inferer):
         final_code: str = FinalCode.BINARY,
         masked: bool = True,
         latent_reduction: str = LatentReduction.MEAN,
+        anomaly_reference: str = AnomalyReference.INPUT,
     ) -> None:
         super().__init__()
         if not isinstance(scheduler, BernoulliScheduler):
@@ -87,6 +103,11 @@ class MaskedBernoulliInferer(Inferer):
                 f"latent_reduction must be one of {list(LatentReduction.__members__.values())}, "
                 f"got {latent_reduction!r}."
             )
+        if anomaly_reference not in AnomalyReference.__members__.values():
+            raise ValueError(
+                f"anomaly_reference must be one of {list(AnomalyReference.__members__.values())}, "
+                f"got {anomaly_reference!r}."
+            )
         if not 0.0 <= float(prob_threshold) <= 1.0:
             raise ValueError(f"prob_threshold (P) must be in [0, 1], got {prob_threshold}.")
         self.scheduler = scheduler
@@ -94,6 +115,7 @@ class MaskedBernoulliInferer(Inferer):
         self.final_code = FinalCode(final_code)
         self.masked = bool(masked)
         self.latent_reduction = LatentReduction(latent_reduction)
+        self.anomaly_reference = AnomalyReference(anomaly_reference)
         self.noise_level = int(noise_level)
         self.num_inference_steps = self.noise_level if num_inference_steps is None else int(num_inference_steps)
         # validates 1 <= K <= L <= T
@@ -122,7 +144,7 @@ class MaskedBernoulliInferer(Inferer):
 
         Returns:
             a dict with ``reconstruction`` (B, C, ...), ``anomaly_map`` (B, 1, ...): the squared residual summed over
-            channels, ``latent_flip_map`` (B, 1, ...): the predicted flip probability reduced over latent channels
+            channels (against the input, or the autoencoder's reconstruction, see ``anomaly_reference``), ``latent_flip_map`` (B, 1, ...): the predicted flip probability reduced over latent channels
             and averaged over steps, resized to the image, ``mask`` (B, latent_channels, ...): the final latent mask,
             ``input_code`` and ``code``: the input's and the output's latent codes.
         """
@@ -151,7 +173,11 @@ class MaskedBernoulliInferer(Inferer):
             else:
                 code = (x0_tilde > 0.5).float() if self.final_code == FinalCode.BINARY else x0_tilde
         reconstruction = autoencoder.decode_stage_2_outputs(code).float().clamp(0.0, 1.0)
-        anomaly_map = (reconstruction - inputs.float()).pow(2).sum(dim=1, keepdim=True)
+        if self.anomaly_reference == AnomalyReference.AUTOENCODER:
+            reference = autoencoder.decode_stage_2_outputs(z_in).float().clamp(0.0, 1.0)
+        else:
+            reference = inputs.float()
+        anomaly_map = (reconstruction - reference).pow(2).sum(dim=1, keepdim=True)
         mode = "bilinear" if inputs.ndim == 4 else "trilinear"
         latent_flip_map = F.interpolate(
             flip_sum / len(timesteps), size=inputs.shape[2:], mode=mode, align_corners=False

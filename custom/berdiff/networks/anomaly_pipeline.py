@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from berdiff.inferers import FinalCode, GeneratorLike, LatentReduction, MaskedBernoulliInferer
+from berdiff.inferers import AnomalyReference, FinalCode, GeneratorLike, LatentReduction, MaskedBernoulliInferer
 from berdiff.schedulers import BernoulliScheduler
 
 __all__ = ["AnomalyPipeline", "PIPELINE_OUTPUT_KEYS"]
@@ -40,6 +40,7 @@ class AnomalyPipeline(nn.Module):
         final_code: see :class:`~berdiff.inferers.FinalCode`.
         masked: False for the unmasked ablation.
         latent_reduction: see :class:`~berdiff.inferers.LatentReduction`.
+        anomaly_reference: see :class:`~berdiff.inferers.AnomalyReference` ("input": the paper's map).
         output_keys: what ``forward`` returns, concatenated along channels, from :data:`PIPELINE_OUTPUT_KEYS`
             (default: the anomaly map only, one channel).
         seed: when not None, every ``forward`` call uses a generator seeded with it (reproducible bundle output).
@@ -58,6 +59,7 @@ class AnomalyPipeline(nn.Module):
         final_code: str = FinalCode.BINARY,
         masked: bool = True,
         latent_reduction: str = LatentReduction.MEAN,
+        anomaly_reference: str = AnomalyReference.INPUT,
         output_keys: Sequence[str] = ("anomaly_map",),
         seed: int | None = 0,
         skip_empty: bool = True,
@@ -74,6 +76,7 @@ class AnomalyPipeline(nn.Module):
             final_code=final_code,
             masked=masked,
             latent_reduction=latent_reduction,
+            anomaly_reference=anomaly_reference,
         )
         output_keys = tuple(output_keys)
         unknown = [k for k in output_keys if k not in PIPELINE_OUTPUT_KEYS]
