@@ -6,7 +6,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test clean
+DEMO_ARGS ?=
+
+.PHONY: install test demo clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +21,10 @@ install: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# the whole job on built-in synthetic brain MRI: train both stages, anomaly maps as NIfTI, metrics, overview.png
+demo: $(VENV)/.installed
+	$(PY) -m berdiff demo --out outputs/demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info custom/*.egg-info .pytest_cache

@@ -52,21 +52,21 @@ def _fmt(x: Any) -> str:
 
 def demo(
     out: str = "outputs/demo",
-    num_subjects: int = 16,
+    num_subjects: int = 12,
     tumour_fraction: float = 0.5,
-    val_fraction: float = 0.25,
+    val_fraction: float = 0.34,
     seed: int = 0,
-    spacing: float = 2.0,
+    spacing: float = 2.5,
     preset: str = "small",
-    spatial_size: int = 128,
-    slice_start: int = 30,
-    slice_stop: int = 84,
-    ae_epochs: int = 12,
-    ae_batch_size: int = 16,
-    ae_learning_rate: float = 1e-3,
-    diffusion_epochs: int = 20,
+    spatial_size: int = 96,
+    slice_start: int = 14,
+    slice_stop: int = 64,
+    ae_epochs: int = 8,
+    ae_batch_size: int = 8,
+    ae_learning_rate: float = 2e-3,
+    diffusion_epochs: int = 15,
     diffusion_batch_size: int = 32,
-    diffusion_learning_rate: float = 5e-4,
+    diffusion_learning_rate: float = 1e-3,
     ema_momentum: float = 0.02,
     noise_level: int = 300,
     prob_threshold: float = 0.5,
@@ -86,12 +86,13 @@ def demo(
         out: output folder.
         num_subjects: synthetic subjects to generate.
         tumour_fraction: share of subjects with a tumour.
-        val_fraction: share of subjects held out (validation during training, then the test subjects).
+        val_fraction: share of subjects held out (validation during training, then the test subjects); the split is
+            seeded and stratified by tumour, with at least two held-out and two training subjects.
         seed: seed of the data generator and of the subject split.
         spacing: voxel size (mm) of the synthetic volumes.
         preset: network sizes (see docs/networks.md).
         spatial_size: in-plane size of the slices.
-        slice_start: first axial slice used for training (the demo volumes have 96 axial slices at 2 mm).
+        slice_start: first axial slice used for training (the demo volumes have 72 axial slices at 2.5 mm).
         slice_stop: one past the last axial slice used for training.
         ae_epochs: stage-1 epochs.
         ae_batch_size: stage-1 batch size.
@@ -105,10 +106,12 @@ def demo(
         num_inference_steps: K (strided schedule from L - 1 to 0).
         sw_batch_size: slices per network call at inference.
         bundle: the brain MRI bundle folder (default: the one in this repository checkout).
-        overwrite: replace an existing ``out`` folder.
+        overwrite: replace the output of an earlier demo run in ``out`` (any other non-empty folder is refused).
     """
     from berdiff.data.brats import prepare_brats
     from berdiff.data.synthetic import make_demo_data
+    from sklearn.model_selection import train_test_split
+
     from berdiff.evaluation import evaluate
 
     t_total = time.perf_counter()
@@ -120,8 +123,12 @@ def demo(
         )
     out_dir = Path(out).resolve()
     if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} is not empty; pass --overwrite True to replace it.")
+        earlier_demo = (out_dir / "demo_summary.json").is_file() or (out_dir / "data" / "manifest.json").is_file()
+        if not (overwrite and earlier_demo):
+            raise FileExistsError(
+                f"{out_dir} is not empty" + ("" if earlier_demo else " and holds no earlier demo output")
+                + "; choose an empty or new folder" + (" or pass --overwrite True." if earlier_demo else ".")
+            )
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     data_dir, prep_dir, model_dir = out_dir / "data", out_dir / "prepared", out_dir / "model"
@@ -139,12 +146,20 @@ def demo(
     )
     timings["make_demo_data"] = time.perf_counter() - t
 
+    # held-out subjects: a seeded split stratified by tumour, so that the test set has subjects with tumours
+    with open(data_dir / "manifest.json") as f:
+        manifest = json.load(f)
+    cases = [s["case"] for s in manifest["subjects"]]
+    has_tumour = [bool(s.get("has_tumour")) for s in manifest["subjects"]]
+    n_val = min(max(2, round(val_fraction * len(cases))), len(cases) - 2)
+    _, val_subjects = train_test_split(cases, test_size=n_val, random_state=seed, stratify=has_tumour)
+
     print(f"[2/6] preparing slices -> {prep_dir}", flush=True)
     t = time.perf_counter()
     prepare_brats(
         str(data_dir),
         str(prep_dir),
-        val_fraction=val_fraction,
+        val_subjects=sorted(val_subjects),
         seed=seed,
         spatial_size=spatial_size,
         slice_start=slice_start,
@@ -185,9 +200,6 @@ def demo(
     # the held-out subjects with tumours are the test cases
     with open(prep_dir / "datalist.json") as f:
         datalist = json.load(f)
-    manifest_path = data_dir / "manifest.json"
-    with open(manifest_path) as f:
-        manifest = json.load(f)
     with_tumour = {s["case"] for s in manifest["subjects"] if s.get("has_tumour")}
     test_volumes = [v for v in datalist["volumes"]["validation"] if v["subject"] in with_tumour]
     if not test_volumes:

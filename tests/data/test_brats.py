@@ -108,6 +108,15 @@ class TestPrepareBrats(unittest.TestCase):
         with open(os.path.join(self.out, DATALIST_NAME)) as f:
             self.assertEqual(json.load(f)["subjects"], dl["subjects"])
 
+    def test_explicit_validation_subjects(self):
+        prepare_brats(self.src, self.out, val_subjects=[self.names[0], self.names[2]], spatial_size=32)
+        with open(os.path.join(self.out, DATALIST_NAME)) as f:
+            dl = json.load(f)
+        self.assertEqual(dl["subjects"]["validation"], [self.names[0], self.names[2]])
+        self.assertEqual(dl["subjects"]["training"], [self.names[1], self.names[3]])
+        with self.assertRaisesRegex(ValueError, "val_subjects not found"):
+            prepare_brats(self.src, self.out, val_subjects=["nobody"], spatial_size=32)
+
     def test_datalist_json_source(self):
         items = [
             {"image": [f"src/{n}/{n}_{m}.nii.gz" for m in MODALITIES], "label": f"src/{n}/{n}_seg.nii.gz"}

@@ -229,6 +229,7 @@ def prepare_brats(
     slice_stop: int | None = None,
     upper_percentile: float = 99.5,
     datalist_key: str = "training",
+    val_subjects: Sequence[str] | None = None,
 ) -> None:
     """
     Prepare BraTS-style volumes for training: discover the cases, split them by subject (seeded), preprocess each
@@ -249,6 +250,8 @@ def prepare_brats(
         slice_stop: one past the last axial slice kept (default: the reference rule).
         upper_percentile: head percentile mapped to 1 by the intensity scaling.
         datalist_key: list to read when ``src`` is a datalist JSON.
+        val_subjects: explicit validation subjects (e.g. an official split); replaces the seeded
+            ``val_fraction`` split when given.
 
     Raises:
         ValueError: with a message naming the offending folder or file.
@@ -257,7 +260,16 @@ def prepare_brats(
     if len(size) != 2 or min(size) < 1:
         raise ValueError(f"spatial_size must be one or two positive ints, got {spatial_size}.")
     cases = find_brats_cases(src, require_label=True, datalist_key=datalist_key)
-    train_ids, val_ids = split_subjects([c["subject"] for c in cases], val_fraction, seed)
+    all_ids = [c["subject"] for c in cases]
+    if val_subjects is not None:
+        val_subjects = [val_subjects] if isinstance(val_subjects, str) else [str(v) for v in val_subjects]
+        unknown = sorted(set(val_subjects) - set(all_ids))
+        if unknown:
+            raise ValueError(f"val_subjects not found in {src}: {unknown}.")
+        val_ids = sorted(set(val_subjects))
+        train_ids = sorted(set(all_ids) - set(val_ids))
+    else:
+        train_ids, val_ids = split_subjects(all_ids, val_fraction, seed)
     split_of = {**{s: "training" for s in train_ids}, **{s: "validation" for s in val_ids}}
 
     checker = CheckImageFilesd("image", num_channels=len(BRATS_MODALITIES))

@@ -1,0 +1,49 @@
+# Copyright (c) berdiff contributors
+# Licensed under the Apache License, Version 2.0 (the "License").
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import unittest
+
+from berdiff.demo import default_bundle_dir, demo
+
+
+class TestDemo(unittest.TestCase):
+    def test_miniature_demo_writes_every_output(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "demo")
+            summary = demo(
+                out=out, num_subjects=4, val_fraction=0.5, spacing=4.0, preset="tiny", spatial_size=64,
+                slice_start=10, slice_stop=30, ae_epochs=1, ae_batch_size=16, diffusion_epochs=1,
+                noise_level=4, num_inference_steps=2, sw_batch_size=32,
+            )
+            for name in ("metrics.json", "per_case.csv", "overview.png", "demo_summary.json", "test_datalist.json"):
+                self.assertTrue(os.path.isfile(os.path.join(out, name)), name)
+            cases = [c.replace("_seg.nii.gz", "") for c in summary["test_cases"]]
+            self.assertTrue(cases)
+            for case in cases:
+                for suffix in ("anomaly", "anomaly_mask", "latent_flip", "reconstruction"):
+                    self.assertTrue(os.path.isfile(os.path.join(out, "maps", f"{case}_{suffix}.nii.gz")), suffix)
+            self.assertTrue(os.path.isfile(os.path.join(out, "model", "models", "model.pt")))
+            with open(os.path.join(out, "metrics.json")) as f:
+                metrics = json.load(f)
+            self.assertEqual(metrics["n_cases"], len(cases))
+            self.assertIn("protocol_b", metrics["maps"]["anomaly"])
+            self.assertLessEqual({"train_autoencoder", "train_diffusion", "inference"}, set(summary["timings_s"]))
+
+    def test_refuses_to_replace_without_overwrite(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, "keep.txt"), "w") as f:
+                f.write("x")
+            with self.assertRaises(FileExistsError):
+                demo(out=tmp, overwrite=False)
+            self.assertTrue(os.path.isfile(os.path.join(tmp, "keep.txt")))
+
+    def test_bundle_found(self):
+        self.assertTrue((default_bundle_dir() / "configs" / "inference.yaml").is_file())
+
+
+if __name__ == "__main__":
+    unittest.main()
