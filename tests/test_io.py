@@ -158,6 +158,13 @@ class TestDatalists(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "datalist file not found"):
             load_datalist(os.path.join(self.tmp, "missing.json"))
 
+    def test_prepare_brats_datalist_gives_volumes(self):
+        path = os.path.join(self.tmp, "datalist.json")
+        vol = {"subject": "a", "image": ["/x/a_t1.nii.gz"], "label": "/x/a_seg.nii.gz"}
+        with open(path, "w") as f:
+            json.dump({"validation": [{"image": "slices/a_z1_image.npy"}], "volumes": {"validation": [vol]}}, f)
+        self.assertEqual(load_datalist(path), [vol])
+
     def test_inference_datalist_priority(self):
         _touch_case(self.tmp, "B_1")
         self.assertEqual(

@@ -165,7 +165,8 @@ def load_datalist(path: os.PathLike | str, key: str | None = None) -> list[dict]
     Reads a datalist JSON: a list of items, or a dict holding the list under ``key`` (default: the first of
     ``testing``, ``test``, ``validation``, ``training`` present). Items are dicts with ``image`` (one file, or one
     file per modality) and optionally ``label``; a bare string or list item is taken as ``image``. Relative paths
-    are relative to the JSON file's folder.
+    are relative to the JSON file's folder. For the ``datalist.json`` written by ``prepare_brats``, the source
+    volumes (its ``volumes`` section) are read, so ``key="validation"`` gives the held-out volumes.
 
     Args:
         path: the JSON file.
@@ -179,6 +180,8 @@ def load_datalist(path: os.PathLike | str, key: str | None = None) -> list[dict]
             content = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read datalist {path}: {e}") from e
+    if isinstance(content, dict) and isinstance(content.get("volumes"), dict):
+        content = content["volumes"]  # a prepare_brats datalist: its source volumes per split
     if isinstance(content, dict):
         keys = [key] if key else [k for k in ("testing", "test", "validation", "training") if k in content]
         if not keys or keys[0] not in content:
