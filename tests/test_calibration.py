@@ -60,7 +60,7 @@ class TestThresholdFromMaps(unittest.TestCase):
                 load_threshold(path)
             with open(path, "w") as f:
                 json.dump({"fpr": 0.01}, f)
-            with self.assertRaisesRegex(ValueError, "cannot read a threshold"):
+            with self.assertRaisesRegex(ValueError, "must hold a JSON object"):
                 load_threshold(path)
             with open(path, "w") as f:
                 json.dump({"threshold": 0.25, "settings": {"noise_level": 100}}, f)

@@ -99,7 +99,8 @@ def threshold_from_maps(
 
 def load_threshold(path: os.PathLike | str, expected: dict[str, Any] | None = None) -> float:
     """
-    Reads the threshold of a calibration JSON written by :func:`calibrate`.
+    Reads the threshold of a calibration JSON written by :func:`calibrate` (parsed by
+    :func:`berdiff.evaluation.load_threshold`).
 
     Args:
         path: the JSON file.
@@ -109,20 +110,15 @@ def load_threshold(path: os.PathLike | str, expected: dict[str, Any] | None = No
     Raises:
         ValueError: missing or unreadable file, or no finite ``threshold`` in it.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"threshold file not found: {path}")
+    from berdiff.evaluation import load_threshold as read_calibration
+
     try:
-        with open(path) as f:
-            content = json.load(f)
-        threshold = float(content["threshold"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"cannot read a threshold from {path}: {e!r}") from e
-    if not np.isfinite(threshold):
-        raise ValueError(f"threshold in {path} is not finite: {threshold}.")
-    settings = content.get("settings", {}) if isinstance(content, dict) else {}
+        threshold, content = read_calibration(path)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from e
+    settings = content.get("settings", {})
     for key, value in (expected or {}).items():
-        if key in settings and settings[key] != value:
+        if isinstance(settings, dict) and key in settings and settings[key] != value:
             logger.warning(f"{path} was calibrated with {key}={settings[key]!r}, inference uses {value!r}.")
     return threshold
 
