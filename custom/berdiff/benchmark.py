@@ -572,6 +572,15 @@ def _as_tuple(x: Any) -> tuple:
     return tuple(x)
 
 
+class BenchmarkResults(dict):
+    """The benchmark's results (a dict); its string form is one line, so the command line does not print it all."""
+
+    def __str__(self) -> str:
+        return "benchmark results: see results.json and benchmarks.md in the output folder"
+
+    __repr__ = __str__
+
+
 def benchmark(
     train_dir: str | None = None,
     test_dir: str | None = None,
@@ -900,7 +909,7 @@ def benchmark(
         tmp.write_text(text)
         os.replace(tmp, out_dir / name)
     _log(f"wrote {out_dir / 'benchmarks.md'} and {out_dir / 'results.json'}")
-    return results
+    return BenchmarkResults(results)
 
 
 def _json_default(o: Any) -> Any:
