@@ -27,6 +27,16 @@ class TestBernoulliPrepareBatch(unittest.TestCase):
         self.assertEqual(kwargs["timesteps"].shape, (4,))
         self.assertEqual(args, ())
 
+    def test_max_timestep(self):
+        sch = BernoulliScheduler(num_train_timesteps=1000)
+        codes = torch.randint(0, 2, (256, 1, 2, 2)).float()
+        t = BernoulliPrepareBatch(sch, max_timestep=50)({"image": codes})[3]["timesteps"]
+        self.assertLess(t.max().item(), 50)
+        self.assertGreater(t.unique().numel(), 20)
+        for bad in (0, 1001):
+            with self.assertRaises(ValueError):
+                BernoulliPrepareBatch(sch, max_timestep=bad)
+
     def test_sample_prediction_target_and_validation(self):
         sch = BernoulliScheduler(num_train_timesteps=50, prediction_type="sample")
         codes = torch.randint(0, 2, (2, 3, 4, 4)).float()

@@ -68,6 +68,7 @@ def demo(
     diffusion_batch_size: int = 32,
     diffusion_learning_rate: float = 1e-3,
     ema_momentum: float = 0.02,
+    train_max_timestep: int | None = 400,
     noise_level: int = 300,
     prob_threshold: float = 0.5,
     num_inference_steps: int = 10,
@@ -101,6 +102,7 @@ def demo(
         diffusion_batch_size: stage-2 batch size.
         diffusion_learning_rate: stage-2 learning rate.
         ema_momentum: EMA momentum of both stages (large, because the demo trains for few iterations).
+        train_max_timestep: stage-2 training timesteps are drawn below this (must be >= noise_level); None: all.
         noise_level: L.
         prob_threshold: P.
         num_inference_steps: K (strided schedule from L - 1 to 0).
@@ -114,6 +116,8 @@ def demo(
 
     from berdiff.evaluation import evaluate
 
+    if train_max_timestep is not None and train_max_timestep < noise_level:
+        raise ValueError(f"train_max_timestep ({train_max_timestep}) must be >= noise_level ({noise_level}).")
     t_total = time.perf_counter()
     bundle_dir = Path(bundle) if bundle else default_bundle_dir()
     configs = bundle_dir / "configs"
@@ -192,7 +196,8 @@ def demo(
         + ["training", "--config_file", str(configs / "train_diffusion.yaml")]
         + common
         + ["--max_epochs", str(diffusion_epochs), "--batch_size", str(diffusion_batch_size),
-           "--learning_rate", str(diffusion_learning_rate), "--output_dir", str(logs_dir / "train_diffusion")],
+           "--learning_rate", str(diffusion_learning_rate), "--output_dir", str(logs_dir / "train_diffusion"),
+           "--train_max_timestep", "None" if train_max_timestep is None else str(train_max_timestep)],
         logs_dir / "train_diffusion.log",
         env,
     )
@@ -236,9 +241,10 @@ def demo(
         "test_cases": [Path(v["label"]).name for v in test_volumes],
         "settings": {
             "num_subjects": num_subjects, "tumour_fraction": tumour_fraction, "val_fraction": val_fraction,
-            "seed": seed, "spacing": spacing, "preset": preset, "spatial_size": spatial_size, "slice_range": [slice_start, slice_stop],
-            "ae_epochs": ae_epochs, "diffusion_epochs": diffusion_epochs, "noise_level": noise_level,
-            "prob_threshold": prob_threshold, "num_inference_steps": num_inference_steps,
+            "seed": seed, "spacing": spacing, "preset": preset, "spatial_size": spatial_size,
+            "slice_range": [slice_start, slice_stop], "ae_epochs": ae_epochs, "diffusion_epochs": diffusion_epochs,
+            "train_max_timestep": train_max_timestep, "noise_level": noise_level, "prob_threshold": prob_threshold,
+            "num_inference_steps": num_inference_steps,
         },
         "metrics": metrics,
     }

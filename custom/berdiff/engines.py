@@ -34,14 +34,25 @@ class BernoulliPrepareBatch(DiffusionPrepareBatch):
             binary codes (``encode_stage_2_inputs``, no gradient) and the codes are diffused. When None, the batch
             must already hold binary codes (pre-encoded).
         condition_name: optional batch key passed to the inferer as ``condition``.
+        max_timestep: timesteps are drawn uniformly from ``[0, max_timestep)`` (default: all ``num_train_timesteps``).
+            Masked inference from noise level L only visits ``t < L``, so a short training run can spend its
+            iterations there; the network still embeds the raw timestep, so the model is valid for any ``L <=
+            max_timestep``.
     """
 
     def __init__(
-        self, scheduler: BernoulliScheduler, autoencoder: nn.Module | None = None, condition_name: str | None = None
+        self,
+        scheduler: BernoulliScheduler,
+        autoencoder: nn.Module | None = None,
+        condition_name: str | None = None,
+        max_timestep: int | None = None,
     ) -> None:
         if not isinstance(scheduler, BernoulliScheduler):
             raise TypeError(f"scheduler must be a BernoulliScheduler, got {type(scheduler).__name__}.")
-        super().__init__(num_train_timesteps=scheduler.num_train_timesteps, condition_name=condition_name)
+        total = scheduler.num_train_timesteps
+        if max_timestep is not None and not 1 <= int(max_timestep) <= total:
+            raise ValueError(f"max_timestep must be in [1, {total}], got {max_timestep}.")
+        super().__init__(num_train_timesteps=total if max_timestep is None else int(max_timestep), condition_name=condition_name)
         self.scheduler = scheduler
         self.autoencoder = autoencoder
 
