@@ -28,7 +28,7 @@ Protocols (see ``docs/evaluation.md``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -280,6 +280,15 @@ def _score_and_labels(score: ArrayLike, gt: ArrayLike, mask: ArrayLike | None) -
     return s.ravel(), g.ravel()
 
 
+def _two_class_score(metric: Callable[..., float], score: ArrayLike, gt: ArrayLike, mask: ArrayLike | None) -> float:
+    """``metric(labels, scores)`` on the (masked) pixels, or NaN when the labels hold a single class."""
+    s, g = _score_and_labels(score, gt, mask)
+    n_pos = int(g.sum())
+    if n_pos == 0 or n_pos == g.size:
+        return float("nan")
+    return float(metric(g, s))
+
+
 def pixel_auroc(score: ArrayLike, gt: ArrayLike, mask: ArrayLike | None = None) -> float:
     """
     Pixel-level area under the ROC curve (sklearn ``roc_auc_score``; identical to the reference's
@@ -293,11 +302,7 @@ def pixel_auroc(score: ArrayLike, gt: ArrayLike, mask: ArrayLike | None = None) 
         gt: ground truth, same shape (``> 0`` is anomalous).
         mask: optional boolean mask, same shape: only these pixels are scored.
     """
-    s, g = _score_and_labels(score, gt, mask)
-    n_pos = int(g.sum())
-    if n_pos == 0 or n_pos == g.size:
-        return float("nan")
-    return float(roc_auc_score(g, s))
+    return _two_class_score(roc_auc_score, score, gt, mask)
 
 
 def pixel_auprc(score: ArrayLike, gt: ArrayLike, mask: ArrayLike | None = None) -> float:
@@ -316,11 +321,7 @@ def pixel_auprc(score: ArrayLike, gt: ArrayLike, mask: ArrayLike | None = None) 
         gt: ground truth, same shape (``> 0`` is anomalous).
         mask: optional boolean mask, same shape: only these pixels are scored.
     """
-    s, g = _score_and_labels(score, gt, mask)
-    n_pos = int(g.sum())
-    if n_pos == 0 or n_pos == g.size:
-        return float("nan")
-    return float(average_precision_score(g, s))
+    return _two_class_score(average_precision_score, score, gt, mask)
 
 
 def best_dice(score: ArrayLike, gt: ArrayLike, mask: ArrayLike | None = None) -> tuple[float, float]:
