@@ -15,7 +15,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["AutoencoderLoss"]
+from berdiff.schedulers import BernoulliScheduler
+
+__all__ = ["AutoencoderLoss", "timestep_only_bce"]
 
 
 class AutoencoderLoss(nn.Module):
@@ -54,3 +56,25 @@ class AutoencoderLoss(nn.Module):
                 raise ValueError("code_weight > 0 needs the bit probabilities: pass the autoencoder's full output.")
             loss = loss + self.code_weight * (probs * (1 - probs)).mean()
         return loss
+
+
+def timestep_only_bce(scheduler: BernoulliScheduler, max_timestep: int | None = None) -> float:
+    """
+    Expected flip BCE (in nats, as ``BCEWithLogitsLoss``) of the best predictor that sees only the timestep: the
+    flip target is Bernoulli(p_t) with p_t = (1 - alpha_bar_t) / 2 whatever the code, so that predictor outputs p_t
+    and scores the binary entropy H(p_t), averaged over the uniformly drawn training timesteps ``[0, max_timestep)``.
+    A trained denoiser whose loss does not go below this value has learned nothing about the codes.
+
+    Args:
+        scheduler: the training :class:`~berdiff.schedulers.BernoulliScheduler`.
+        max_timestep: the training range's end (default: all ``num_train_timesteps``).
+
+    Raises:
+        ValueError: when ``max_timestep`` is outside ``[1, num_train_timesteps]``.
+    """
+    total = scheduler.num_train_timesteps
+    end = total if max_timestep is None else int(max_timestep)
+    if not 1 <= end <= total:
+        raise ValueError(f"max_timestep must be in [1, {total}], got {max_timestep}.")
+    p = ((1.0 - scheduler.alphas_cumprod[:end].double()) / 2).clamp(1e-12, 1 - 1e-12)
+    return float((-(p * p.log() + (1 - p) * (1 - p).log())).mean())
