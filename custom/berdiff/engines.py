@@ -38,6 +38,8 @@ class BernoulliPrepareBatch(DiffusionPrepareBatch):
             Masked inference from noise level L only visits ``t < L``, so a short training run can spend its
             iterations there; the network still embeds the raw timestep, so the model is valid for any ``L <=
             max_timestep``.
+        check_every_batch: check that every batch holds binary codes; when False (the default) only the first batch
+            is checked (the check reads a value back to the host, which would stall a GPU every iteration).
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class BernoulliPrepareBatch(DiffusionPrepareBatch):
         autoencoder: nn.Module | None = None,
         condition_name: str | None = None,
         max_timestep: int | None = None,
+        check_every_batch: bool = False,
     ) -> None:
         if not isinstance(scheduler, BernoulliScheduler):
             raise TypeError(f"scheduler must be a BernoulliScheduler, got {type(scheduler).__name__}.")
@@ -55,6 +58,8 @@ class BernoulliPrepareBatch(DiffusionPrepareBatch):
         super().__init__(num_train_timesteps=total if max_timestep is None else int(max_timestep), condition_name=condition_name)
         self.scheduler = scheduler
         self.autoencoder = autoencoder
+        self.check_every_batch = check_every_batch
+        self._checked = False
 
     def get_noise(self, images: torch.Tensor) -> torch.Tensor:
         """Uniform noise in [0, 1) (the Bernoulli forward process draws bit flips from it)."""
@@ -62,11 +67,12 @@ class BernoulliPrepareBatch(DiffusionPrepareBatch):
 
     def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Flip mask (float 0/1) for ``"flip"`` prediction, the clean code for ``"sample"`` prediction."""
-        if not torch.all((images == 0) | (images == 1)):
+        if not self._checked and not torch.all((images == 0) | (images == 1)):
             raise ValueError(
                 "BernoulliPrepareBatch expects binary codes under 'image'; got non-binary values. Pass the frozen "
                 "autoencoder as `autoencoder=` to encode images on the fly, or pre-encode them."
             )
+        self._checked = self.check_every_batch is False
         if self.scheduler.prediction_type == BernoulliPredictionType.SAMPLE:
             return images.float()
         return (noise < self.scheduler.flip_prob(timesteps, images)).float()

@@ -157,11 +157,16 @@ class BernoulliScheduler(Scheduler):
             the noised binary tensor, with the dtype of ``original_samples``.
 
         Raises:
-            ValueError: when the noise is not in [0, 1) (Gaussian noise passed by mistake) or shapes differ.
+            ValueError: when the noise is not in [0, 1) (Gaussian noise passed by mistake) or shapes differ (on CUDA
+                the range is checked asynchronously and a violation surfaces as a device-side assertion).
         """
         if noise.shape != original_samples.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != samples shape {tuple(original_samples.shape)}.")
-        if noise.numel() and (not torch.isfinite(noise).all() or noise.min() < 0 or noise.max() >= 1):
+        if noise.numel() and noise.is_cuda:
+            # checked on the device: a host synchronisation here would stall every training iteration
+            valid = torch.isfinite(noise).all() & (noise.min() >= 0) & (noise.max() < 1)
+            torch._assert_async(valid, "BernoulliScheduler.add_noise expects uniform noise in [0, 1) (torch.rand_like).")
+        elif noise.numel() and (not torch.isfinite(noise).all() or noise.min() < 0 or noise.max() >= 1):
             raise ValueError(
                 "BernoulliScheduler.add_noise expects uniform noise in [0, 1) (torch.rand_like), got values in "
                 f"[{noise.min().item():.3g}, {noise.max().item():.3g}]; Gaussian noise would flip about half of "

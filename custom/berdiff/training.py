@@ -13,27 +13,25 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 from ignite.engine import Engine, Events
-from monai.config import KeysCollection
 from monai.engines import AdversarialTrainer, SupervisedTrainer
 from monai.inferers import Inferer
 from monai.losses import PatchAdversarialLoss
-from monai.transforms import MapTransform
 from monai.utils import AdversarialKeys
 
 from berdiff.networks.anomaly_pipeline import AnomalyPipeline
+from berdiff.trainers import Precision, build_trainer, resolve_precision
 
 __all__ = [
     "ReconstructionInferer",
     "DelayedAdversarialLoss",
     "autoencoder_trainer",
     "training_loss_output",
-    "EncodeImaged",
     "load_weights",
     "latest_checkpoint",
     "save_state_dict",
@@ -112,10 +110,14 @@ def autoencoder_trainer(
     d_optimizer: torch.optim.Optimizer | None = None,
     g_adv_loss: nn.Module | None = None,
     d_adv_loss: nn.Module | None = None,
+    precision: str = "auto",
+    channels_last: bool | None = None,
+    compile: bool = False,
     **kwargs: Any,
 ) -> SupervisedTrainer | AdversarialTrainer:
     """
-    The stage-1 trainer: MONAI ``SupervisedTrainer`` (L1 only), or ``AdversarialTrainer`` with a PatchGAN
+    The stage-1 trainer: MONAI ``SupervisedTrainer`` (L1 only, through :func:`berdiff.trainers.build_trainer`), or
+    ``AdversarialTrainer`` with a PatchGAN
     discriminator when ``adversarial`` is True.
 
     Args:
@@ -128,18 +130,23 @@ def autoencoder_trainer(
         d_optimizer: its optimiser.
         g_adv_loss: generator adversarial loss (e.g. :class:`DelayedAdversarialLoss`), attached to the trainer.
         d_adv_loss: discriminator adversarial loss, attached to the trainer.
+        precision, channels_last, compile: see :func:`berdiff.trainers.build_trainer` (the adversarial trainer
+            takes only the precision).
         kwargs: other trainer arguments (``inferer`` is passed as ``g_inferer`` to the adversarial trainer).
     """
     if not adversarial:
-        return SupervisedTrainer(
+        return build_trainer(
             device=device, max_epochs=max_epochs, train_data_loader=train_data_loader, network=network,
-            optimizer=optimizer, loss_function=loss_function, **kwargs,
+            optimizer=optimizer, loss_function=loss_function, precision=precision, channels_last=channels_last,
+            compile=compile, **kwargs,
         )
     missing = [n for n, v in {"d_network": d_network, "d_optimizer": d_optimizer, "g_adv_loss": g_adv_loss,
                               "d_adv_loss": d_adv_loss}.items() if v is None]
     if missing:
         raise ValueError(f"adversarial training needs {', '.join(missing)}.")
     kwargs["g_inferer"] = kwargs.pop("inferer", None) or ReconstructionInferer()
+    bf16 = resolve_precision(precision, device) == Precision.BF16
+    kwargs.update(amp=bf16, amp_kwargs={"dtype": torch.bfloat16} if bf16 else None)
     trainer = AdversarialTrainer(
         device=device, max_epochs=max_epochs, train_data_loader=train_data_loader, g_network=network,
         g_optimizer=optimizer, g_loss_function=g_adv_loss, recon_loss_function=loss_function, d_network=d_network,
@@ -164,36 +171,6 @@ def training_loss_output(output: Mapping[str, Any]) -> float | dict[str, float]:
         keys = (AdversarialKeys.RECONSTRUCTION_LOSS, AdversarialKeys.GENERATOR_LOSS, AdversarialKeys.DISCRIMINATOR_LOSS)
         return {f"train_{k}": float(torch.as_tensor(output[k]).detach()) for k in keys if k in output}
     return float(torch.as_tensor(output["loss"]).detach())
-
-
-class EncodeImaged(MapTransform):
-    """
-    Replaces images by the deterministic binary code of a frozen autoencoder (pre-encoding for stage 2; put it
-    before the cache boundary of a ``CacheDataset`` so each slice is encoded once). The code is returned on the CPU.
-
-    Args:
-        keys: image keys.
-        autoencoder: the frozen :class:`~berdiff.networks.BinaryAutoencoder`.
-        device: device to run the encoder on.
-        allow_missing_keys: don't raise for missing keys.
-    """
-
-    def __init__(
-        self, keys: KeysCollection, autoencoder: nn.Module, device: torch.device | str = "cpu",
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.autoencoder = autoencoder
-        self.device = torch.device(device)
-
-    @torch.no_grad()
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        self.autoencoder.eval()
-        for key in self.key_iterator(d):
-            image = torch.as_tensor(d[key]).float().unsqueeze(0).to(self.device)
-            d[key] = self.autoencoder.encode_stage_2_inputs(image)[0].cpu()
-        return d
 
 
 def load_weights(module: nn.Module, path: str | Sequence[str], key: str | None = None) -> nn.Module:

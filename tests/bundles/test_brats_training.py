@@ -154,7 +154,7 @@ class TestBratsTraining(unittest.TestCase):
         common = [
             "--bundle_root", os.path.abspath(BUNDLE), "--dataset_dir", self.data, "--models_dir",
             os.path.join(tmp, "models"), "--output_dir", os.path.join(tmp, "logs"), "--preset", "tiny",
-            "--spatial_size", "32", "--batch_size", "4", "--num_workers", "0", "--max_epochs", "1",
+            "--spatial_size", "32", "--batch_size", "4", "--num_workers", "0", "--max_epochs", "1", "--log_interval", "1",
         ]
         for stage in ("autoencoder", "diffusion"):
             configs = [os.path.join(CONFIGS, f"{name}_{stage}.yaml") for name in ("train", "multi_gpu_train")]
