@@ -150,6 +150,31 @@ class TestMiniBenchmark(unittest.TestCase):
         self.assertNotEqual(cache_key(files, {"a": 1}), cache_key(files, {"a": 2}))
         self.assertNotEqual(cache_key(files, {"a": 1}), cache_key(files[:-1], {"a": 1}))
 
+    def test_bootstrap_and_training_records(self):
+        for m in ("ae", "unmasked", "ddpm"):
+            vs = self.res["methods"][m]["vs_masked"]
+            for metric in ("dice_fixed", "dice_tuned", "auprc"):
+                self.assertLessEqual(vs[metric]["low"], vs[metric]["high"])
+                self.assertEqual(vs[metric]["n"], self.res["data"]["n_test"])
+        self.assertNotIn("vs_masked", self.res["methods"]["masked"])
+        den = self.res["training"]["bernoulli denoiser"]
+        self.assertEqual(den["max_timestep"], 300)  # the largest L visited: the reference (300, 0.8)
+        self.assertGreater(den["baseline_loss"], 0.0)
+        self.assertLess(den["baseline_loss"], 0.6932)
+        self.assertIn("masked minus each baseline", self.md.lower())
+
+    def test_equal_compute_budget(self):
+        out = os.path.join(self.tmp.name, "budget")
+        res = benchmark(train_dir=self.train, test_dir=self.pairs, out=out, methods="ae,ddpm",
+                        **{**MINI, "budget_tflop": 3e-3, "ae_share": 0.5})
+        ae, dd = res["training"]["autoencoder"], res["training"]["gaussian ddpm"]
+        for t, share in ((ae, 0.5), (dd, 1.0)):
+            # as many whole iterations as the budget buys
+            self.assertLessEqual(t["train_tflop"], share * 3e-3 + 1e-12)
+            self.assertGreater(t["train_tflop"] + t["flops_per_iteration"] / 1e12, share * 3e-3)
+        with self.assertRaisesRegex(ValueError, "budget_tflop"):
+            benchmark(train_dir=self.train, test_dir=self.pairs, out=out, **{**MINI, "budget_tflop": -1.0})
+
     def test_bad_arguments(self):
         with self.assertRaisesRegex(ValueError, "unknown method"):
             benchmark(train_dir=self.train, test_dir=self.pairs, out=self.out, methods="ae,vae", **MINI)

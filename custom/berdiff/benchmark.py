@@ -43,19 +43,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from monai.data import DataLoader
-from monai.engines import SupervisedTrainer
-from monai.engines.utils import DiffusionPrepareBatch
-from monai.inferers import DiffusionInferer
+from ignite.engine import Events
+from monai.engines.utils import DiffusionPrepareBatch, default_prepare_batch
+from monai.inferers import DiffusionInferer, SimpleInferer
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
-from monai.utils import CommonKeys, StrEnum
+from monai.utils import StrEnum
 
 from berdiff.baselines import AutoencoderReconstructionInferer, GaussianPartialNoisingInferer
 from berdiff.data.images2d import brain_mask, list_images, load_folder, read_image, resize_label, stem
 from berdiff.engines import BernoulliPrepareBatch
 from berdiff.inferers import MaskedBernoulliInferer
-from berdiff.losses import AutoencoderLoss
+from berdiff.losses import AutoencoderLoss, timestep_only_bce
 from berdiff.metrics import (
     AreaRule,
     best_dice,
@@ -69,11 +68,15 @@ from berdiff.metrics import (
 )
 from berdiff.networks import autoencoder_from_preset, denoiser_from_preset
 from berdiff.schedulers import BernoulliScheduler
+from berdiff.statistics import paired_bootstrap_ci
 
 __all__ = ["Method", "DEFAULT_DATA_DIR", "benchmark", "cache_key", "render_markdown"]
 
 #: the IXI slices, relative to the repository root
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "ixi_t1_midaxial"
+
+#: (L, P) of the reference repository, always included in the masked sweep
+REFERENCE_SETTINGS = ((100, 0.6), (200, 0.5), (300, 0.8))
 
 #: threshold grid on protocol A's soft map for "Dice at the tuned threshold"
 THRESHOLD_GRID = np.round(np.arange(0.05, 1.0, 0.05), 2)
@@ -187,63 +190,94 @@ def _split(pairs: dict[str, Any], tune_fraction: float, seed: int) -> tuple[dict
 def _fit(
     network: nn.Module,
     loss_function: Callable,
-    data: list[dict[str, torch.Tensor]],
-    iterations: int,
+    data: dict[str, torch.Tensor],
     batch_size: int,
     lr: float,
     seed: int,
     device: torch.device,
     name: str,
+    iterations: int | None = None,
+    budget_flops: float | None = None,
     inferer: Any = None,
     prepare_batch: Callable | None = None,
     max_seconds: float | None = None,
+    aliases: dict[str, str] | None = None,
+    ema_momentum: float = 0.001,
+    precision: str = "auto",
+    compile: bool = False,
 ) -> dict[str, Any]:
-    """Train ``network`` with MONAI's ``SupervisedTrainer`` for ``iterations`` iterations (or ``max_seconds``)."""
-    torch.manual_seed(seed)
-    loader = DataLoader(
-        data,
-        batch_size=min(batch_size, len(data)),
-        shuffle=True,
-        drop_last=True,
-        num_workers=0,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    kwargs: dict[str, Any] = {}
-    if inferer is not None:
-        kwargs["inferer"] = inferer
-    if prepare_batch is not None:
-        kwargs["prepare_batch"] = prepare_batch
-    trainer = SupervisedTrainer(
-        device=device,
-        max_epochs=max(1, math.ceil(iterations / len(loader))),
-        train_data_loader=loader,
-        network=network,
-        optimizer=torch.optim.Adam(network.parameters(), lr=lr),
-        loss_function=loss_function,
-        decollate=False,
-        **kwargs,
-    )
-    losses: list[float] = []
-    start = time.perf_counter()
-    from ignite.engine import Events
+    """
+    Train ``network`` through the project's one training path (:func:`berdiff.trainers.build_trainer`: device-held
+    batches, fused AdamW, bf16 on CUDA, warm-up EMA whose weights are loaded into ``network`` at the end) for
+    ``iterations`` iterations, or for as many as ``budget_flops`` buys (training FLOPs of one iteration counted
+    with ``FlopCounterMode``), optionally capped at ``max_seconds``.
+    """
+    from berdiff.data.tensor_loader import TensorLoader
+    from berdiff.trainers import LossMonitor, WarmupEMAHandler, adamw, build_trainer, training_flops
 
-    @trainer.on(Events.ITERATION_COMPLETED)
-    def _track(engine: Any) -> None:
-        losses.append(float(engine.state.output[CommonKeys.LOSS].detach()))
-        it = engine.state.iteration
-        if it % 25 == 0 or it == 1:
-            _log(f"{name}: iteration {it}/{iterations}, loss {np.mean(losses[-25:]):.4f}, {time.perf_counter() - start:.0f} s")
-        if it >= iterations or (max_seconds is not None and time.perf_counter() - start > max_seconds):
-            engine.terminate()
+    torch.manual_seed(seed)
+    data = {k: v.to(device) for k, v in data.items()}
+    loader = TensorLoader(data, batch_size=min(batch_size, len(next(iter(data.values())))), seed=seed, aliases=aliases)
+    prepare = prepare_batch if prepare_batch is not None else default_prepare_batch
+    run_inferer = inferer if inferer is not None else SimpleInferer()
+
+    def one_step() -> torch.Tensor:
+        batch = prepare(next(iter(loader)), device)
+        inputs, targets = batch[0], batch[1]
+        args, kwargs = (batch[2], batch[3]) if len(batch) == 4 else ((), {})
+        return loss_function(run_inferer(inputs, network, *args, **kwargs), targets).mean()
 
     network.train()
+    flops = training_flops(one_step)
+    network.zero_grad(set_to_none=True)
+    if budget_flops is not None:
+        iterations = max(1, int(budget_flops // flops))
+    if iterations is None or iterations < 1:
+        raise ValueError(f"{name}: give iterations >= 1 or a training budget, got {iterations}.")
+    trainer = build_trainer(
+        device, max_epochs=max(1, math.ceil(iterations / len(loader))), train_data_loader=loader, network=network,
+        optimizer=adamw(network.parameters(), lr), loss_function=loss_function, inferer=inferer,
+        prepare_batch=prepare, precision=precision, compile=compile, max_iterations=iterations,
+    )
+    ema = WarmupEMAHandler(network, momentum=ema_momentum)
+    ema.attach(trainer)
+    monitor = LossMonitor(interval=max(1, min(100, iterations // 10)), name=name)
+    monitor.attach(trainer)
+    start = time.perf_counter()
+    if max_seconds is not None:
+        trainer.add_event_handler(
+            Events.ITERATION_COMPLETED(every=10),
+            lambda e: e.terminate() if time.perf_counter() - start > max_seconds else None,
+        )
     trainer.run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    network.load_state_dict(ema.ema_model.state_dict())
     network.eval()
+    done = int(trainer.state.iteration)
     return {
-        "iterations": int(trainer.state.iteration),
-        "train_seconds": time.perf_counter() - start,
-        "final_loss": float(np.mean(losses[-25:])) if losses else float("nan"),
+        "iterations": done,
+        "train_seconds": seconds,
+        "samples_per_second": done * loader.batch_size / max(seconds, 1e-9),
+        "flops_per_iteration": flops,
+        "train_tflop": done * flops / 1e12,
+        "final_loss": monitor.final_loss(last=3),
+        "loss_history": monitor.history,
     }
+
+
+def _max_timestep(setting: int | str | None, levels: Sequence[int], total: int) -> int | None:
+    """The training timestep range's end: ``"auto"`` = the largest noise level of the sweep (inference from L visits
+    only t < L), None = all ``total`` timesteps, or the given number."""
+    if setting is None:
+        return None
+    if setting == "auto":
+        return int(max(levels))
+    value = int(setting)
+    if not 1 <= value <= total:
+        raise ValueError(f"train_max_timestep must be 'auto', None or in [1, {total}], got {setting}.")
+    return value
 
 
 def _cached(
@@ -392,6 +426,7 @@ def _protocol_a(maps: np.ndarray, labels: np.ndarray, min_component: int) -> dic
         "dice_grid": np.nanmean(d_grid, axis=0).tolist() if len(maps) else [],
         "n_slices": len(maps),
         "dice_per_slice": [float(d) for d in d_fixed],
+        "dice_grid_per_slice": d_grid.tolist(),
         "auprc_per_slice": [float(a) for a in auprcs],
     }
 
@@ -512,11 +547,26 @@ def render_markdown(results: dict[str, Any]) -> str:
                 n = bf.get("n", n)
                 cells.append(f"{_fmt(bf.get('dice_fixed'))} / {_fmt(bf.get('auprc'))}")
             lines.append(f"| {fam} | {n} | " + " | ".join(cells) + " |")
-    lines += ["", "## Training", "", "| model | iterations | batch | lr | train s | final loss | params | cached |", "|---|---|---|---|---|---|---|---|"]
+    boot = {m: r["vs_masked"] for m, r in results["methods"].items() if "vs_masked" in r}
+    if boot:
+        lines += ["", "## Masked minus each baseline on the held-out lesion slices (paired bootstrap, 95 % CI)", "",
+                  "Mean per-slice difference, masked minus baseline, with the percentile interval of 10,000 paired "
+                  "resamples of the test slices; an interval above 0 means masked is better.", "",
+                  "| baseline | Dice@0.5 | Dice@t* | AUPRC |", "|---|---|---|---|"]
+        for m, b in boot.items():
+            cells = [f"{_fmt(b[k]['diff'])} [{_fmt(b[k]['low'])}, {_fmt(b[k]['high'])}]" for k in ("dice_fixed", "dice_tuned", "auprc")]
+            lines.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    lines += ["", "## Training", "",
+              "*TFLOP*: training compute (forward + backward FLOPs of one iteration from `FlopCounterMode`, times the "
+              "iterations; matrix multiplications and convolutions only). *baseline loss*: the loss of a predictor that "
+              "sees only the timestep; a diffusion model must end below it.", "",
+              "| model | iterations | batch | lr | TFLOP | train s | samples/s | final loss | baseline loss | t range | params | cached |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, t in results["training"].items():
         lines.append(
-            f"| {name} | {t['iterations']} | {t['batch_size']} | {t['lr']} | {_fmt(t['train_seconds'], 0)} | {_fmt(t['final_loss'], 4)} "
-            f"| {t['params']:,} | {t['cached']} |"
+            f"| {name} | {t['iterations']} | {t['batch_size']} | {t['lr']} | {_fmt(t.get('train_tflop'), 2)} "
+            f"| {_fmt(t['train_seconds'], 0)} | {_fmt(t.get('samples_per_second'), 1)} | {_fmt(t['final_loss'], 4)} "
+            f"| {_fmt(t.get('baseline_loss'), 4)} | {_fmt(t.get('max_timestep'))} | {t['params']:,} | {t['cached']} |"
         )
     tuning = results.get("tuning", {})
     if tuning.get("masked_lp"):
@@ -600,6 +650,12 @@ def benchmark(
     diffusion_iterations: int = 600,
     diffusion_batch_size: int = 16,
     diffusion_lr: float = 5e-4,
+    budget_tflop: float | None = None,
+    ae_share: float = 0.5,
+    train_max_timestep: int | str | None = "auto",
+    ema_momentum: float = 0.001,
+    precision: str = "auto",
+    compile: bool = False,
     max_train_seconds: float | None = None,
     num_train_timesteps: int = 1000,
     noise_levels: Sequence[int] = (50, 100, 200, 300),
@@ -635,6 +691,15 @@ def benchmark(
         denoiser_preset: Bernoulli denoiser preset; ``denoiser_channels`` overrides its widths (None keeps them).
         ddpm_channels: widths of the image-space DDPM UNet (attention at the last level).
         diffusion_iterations, diffusion_batch_size, diffusion_lr: the budget of both diffusion models (the same).
+        budget_tflop: equal compute per method, in training TFLOP (forward + backward FLOPs of one iteration counted
+            with ``FlopCounterMode``, times the iterations); replaces the iteration counts. The Bernoulli methods
+            spend ``ae_share`` of it on the autoencoder and the rest on the denoiser; the DDPM gets all of it.
+        ae_share: fraction of ``budget_tflop`` for the autoencoder (the AE baseline is that autoencoder).
+        train_max_timestep: diffusion training timesteps are drawn from ``[0, max)``: ``"auto"`` = the largest L
+            of the method's sweep (inference never visits higher t), None = all T.
+        ema_momentum: final momentum of the warm-up EMA whose weights are evaluated.
+        precision: training precision (``berdiff.trainers.Precision``; bf16 autocast on CUDA by default).
+        compile: ``torch.compile`` the networks for training.
         max_train_seconds: optional wall-clock cap per model (training stops early; the iterations done are reported).
         num_train_timesteps: T of both diffusion models.
         noise_levels, prob_thresholds: (L, P) grid of masked Bernoulli diffusion (L grid also for unmasked).
@@ -673,6 +738,8 @@ def benchmark(
             raise ValueError(f"{name} must be non-empty with values in [1, {num_train_timesteps}], got {grid}.")
     if not prob_thresholds or any(not 0 <= p <= 1 for p in prob_thresholds):
         raise ValueError(f"prob_thresholds must be non-empty with values in [0, 1], got {prob_thresholds}.")
+    if budget_tflop is not None and not (float(budget_tflop) > 0 and 0 < ae_share < 1):
+        raise ValueError(f"need budget_tflop > 0 and ae_share in (0, 1), got {budget_tflop}, {ae_share}.")
     if threads is not None:
         torch.set_num_threads(int(threads))
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -704,16 +771,21 @@ def benchmark(
     ae = unet = ddpm = None
     b_sched = BernoulliScheduler(num_train_timesteps=num_train_timesteps)
     g_sched = DDPMScheduler(num_train_timesteps=num_train_timesteps)
+    # equal compute: the Bernoulli methods pay for the autoencoder and the denoiser, the DDPM gets the same total
+    budget = None if budget_tflop is None else float(budget_tflop) * 1e12
+    ae_budget = None if budget is None else ae_share * budget
+    fit_kwargs = {"ema_momentum": ema_momentum, "precision": precision, "compile": compile, "max_seconds": max_train_seconds}
+    images_t = torch.from_numpy(train_images[:, None])
     if {Method.AE, Method.MASKED, Method.UNMASKED} & set(methods):
-        ae_settings = {"model": "ae", "preset": ae_preset, "size": size, "iterations": ae_iterations,
-                       "batch_size": ae_batch_size, "lr": ae_lr, "seed": seed, "max_seconds": max_train_seconds}
+        ae_settings = {"model": "ae", "preset": ae_preset, "size": size, "iterations": ae_iterations, "budget": ae_budget,
+                       "batch_size": ae_batch_size, "lr": ae_lr, "seed": seed, "max_seconds": max_train_seconds,
+                       "ema": ema_momentum}
         ae_key = cache_key(listing, ae_settings)
         ae = autoencoder_from_preset(ae_preset, in_channels=1).to(dev)
-        ae_data = [{"image": torch.from_numpy(x[None]), "label": torch.from_numpy(x[None])} for x in train_images]
         info = _cached(
             ckpt_dir / f"ae_{ae_key}.pt", ae,
-            lambda: _fit(ae, AutoencoderLoss(), ae_data, ae_iterations, ae_batch_size, ae_lr, seed, dev, "autoencoder",
-                         max_seconds=max_train_seconds),
+            lambda: _fit(ae, AutoencoderLoss(), {"image": images_t}, ae_batch_size, ae_lr, seed, dev, "autoencoder",
+                         iterations=ae_iterations, budget_flops=ae_budget, aliases={"label": "image"}, **fit_kwargs),
             ae_settings,
         )
         training["autoencoder"] = {**info, "batch_size": ae_batch_size, "lr": ae_lr, "params": _n_params(ae), "key": ae_key}
@@ -724,46 +796,54 @@ def benchmark(
             overrides = {"channels": ch, "num_head_channels": ch, "norm_num_groups": min(16, math.gcd(*ch))}
             if len(ch) != 3:
                 overrides["attention_levels"] = tuple([False] * (len(ch) - 1) + [True])
+        visited = list(noise_levels) + [L for L, _ in REFERENCE_SETTINGS if L <= num_train_timesteps]
+        b_max_t = _max_timestep(train_max_timestep, visited, num_train_timesteps)
+        un_budget = None if budget is None else budget - training["autoencoder"]["train_tflop"] * 1e12
         un_settings = {"model": "bernoulli_denoiser", "ae_key": ae_key, "preset": denoiser_preset, "overrides": overrides,
-                       "T": num_train_timesteps, "iterations": diffusion_iterations, "batch_size": diffusion_batch_size,
-                       "lr": diffusion_lr, "seed": seed, "max_seconds": max_train_seconds}
+                       "T": num_train_timesteps, "max_timestep": b_max_t, "iterations": diffusion_iterations,
+                       "budget": un_budget, "batch_size": diffusion_batch_size, "lr": diffusion_lr, "seed": seed,
+                       "max_seconds": max_train_seconds, "ema": ema_momentum}
         un_key = cache_key(listing, un_settings)
         unet = denoiser_from_preset(denoiser_preset, latent_channels=ae.latent_channels, **overrides).to(dev)
 
         def train_unet() -> dict[str, Any]:
-            with torch.no_grad():
-                x = torch.from_numpy(train_images[:, None]).to(dev)
-                codes = torch.cat([ae.encode_stage_2_inputs(x[i : i + 32]) for i in range(0, len(x), 32)]).cpu()
-            data = [{"image": c} for c in codes]
-            return _fit(unet, nn.BCEWithLogitsLoss(), data, diffusion_iterations, diffusion_batch_size, diffusion_lr, seed,
-                        dev, "bernoulli denoiser", inferer=DiffusionInferer(b_sched),
-                        prepare_batch=BernoulliPrepareBatch(b_sched), max_seconds=max_train_seconds)
+            from berdiff.trainers import encode_dataset
+
+            codes = encode_dataset([{"image": x} for x in images_t], ae, dev, batch_size=64)
+            return _fit(unet, nn.BCEWithLogitsLoss(), {"image": codes.float()}, diffusion_batch_size, diffusion_lr,
+                        seed, dev, "bernoulli denoiser", iterations=diffusion_iterations, budget_flops=un_budget,
+                        inferer=DiffusionInferer(b_sched), prepare_batch=BernoulliPrepareBatch(b_sched, max_timestep=b_max_t),
+                        **fit_kwargs)
 
         info = _cached(ckpt_dir / f"bernoulli_{un_key}.pt", unet, train_unet, un_settings)
         training["bernoulli denoiser"] = {**info, "batch_size": diffusion_batch_size, "lr": diffusion_lr,
-                                          "params": _n_params(unet), "key": un_key}
+                                          "params": _n_params(unet), "key": un_key, "max_timestep": b_max_t,
+                                          "baseline_loss": timestep_only_bce(b_sched, b_max_t),
+                                          "baseline": "timestep-only flip predictor (closed form)"}
     if Method.DDPM in methods:
         ch = tuple(int(c) for c in _as_tuple(ddpm_channels))
         groups = min(16, math.gcd(*ch))
-        ddpm_settings = {"model": "ddpm", "channels": ch, "size": size, "T": num_train_timesteps,
-                         "iterations": diffusion_iterations, "batch_size": diffusion_batch_size, "lr": diffusion_lr,
-                         "seed": seed, "max_seconds": max_train_seconds}
+        g_max_t = _max_timestep(train_max_timestep, ddpm_noise_levels, num_train_timesteps)
+        ddpm_settings = {"model": "ddpm", "channels": ch, "size": size, "T": num_train_timesteps, "max_timestep": g_max_t,
+                         "iterations": diffusion_iterations, "budget": budget, "batch_size": diffusion_batch_size,
+                         "lr": diffusion_lr, "seed": seed, "max_seconds": max_train_seconds, "ema": ema_momentum}
         dd_key = cache_key(listing, ddpm_settings)
         ddpm = DiffusionModelUNet(
             spatial_dims=2, in_channels=1, out_channels=1, channels=ch, attention_levels=tuple([False] * (len(ch) - 1) + [True]),
             num_res_blocks=1, num_head_channels=ch[-1], norm_num_groups=groups,
         ).to(dev)
-        dd_data = [{"image": torch.from_numpy(x[None] * 2.0 - 1.0)} for x in train_images]
         info = _cached(
             ckpt_dir / f"ddpm_{dd_key}.pt", ddpm,
-            lambda: _fit(ddpm, nn.MSELoss(), dd_data, diffusion_iterations, diffusion_batch_size, diffusion_lr, seed, dev,
-                         "gaussian ddpm", inferer=DiffusionInferer(g_sched),
-                         prepare_batch=DiffusionPrepareBatch(num_train_timesteps=num_train_timesteps),
-                         max_seconds=max_train_seconds),
+            lambda: _fit(ddpm, nn.MSELoss(), {"image": images_t * 2.0 - 1.0}, diffusion_batch_size, diffusion_lr, seed,
+                         dev, "gaussian ddpm", iterations=diffusion_iterations, budget_flops=budget,
+                         inferer=DiffusionInferer(g_sched),
+                         prepare_batch=DiffusionPrepareBatch(num_train_timesteps=g_max_t or num_train_timesteps),
+                         **fit_kwargs),
             ddpm_settings,
         )
         training["gaussian ddpm"] = {**info, "batch_size": diffusion_batch_size, "lr": diffusion_lr,
-                                     "params": _n_params(ddpm), "key": dd_key}
+                                     "params": _n_params(ddpm), "key": dd_key, "max_timestep": g_max_t,
+                                     "baseline_loss": 1.0, "baseline": "zero-noise predictor (E[eps^2] = 1)"}
 
     # ------------------------------------------------------------------ run functions
     def ae_fn() -> RunFn:
@@ -794,7 +874,7 @@ def benchmark(
     if Method.MASKED in methods:
         rows, best = [], None
         pairs_lp = [(L, P) for L in noise_levels for P in prob_thresholds]
-        for ref in ((100, 0.6), (200, 0.5), (300, 0.8)):
+        for ref in REFERENCE_SETTINGS:
             if ref not in pairs_lp and ref[0] <= num_train_timesteps:
                 pairs_lp.append(ref)
         for L, P in pairs_lp:
@@ -851,6 +931,7 @@ def benchmark(
         t_idx = int(np.argmax(grid))
         r = _evaluate(c["fn"], test, eval_batch_size, dev, min_component, healthy=True)
         r["dice_tuned"] = r["dice_grid"][t_idx] if r["dice_grid"] else float("nan")
+        r["dice_tuned_per_slice"] = [float(row[t_idx]) for row in r.pop("dice_grid_per_slice")]
         r["by_family"] = {
             fam: {
                 "n": sum(f == fam for f in test["families"]),
@@ -861,13 +942,23 @@ def benchmark(
         }
         _log(f"{m}: test Dice@0.5 {r['dice_fixed']:.3f}, Dice@t* {r['dice_tuned']:.3f}, AUPRC {r['auprc']:.3f}")
         params = {Method.AE: lambda: _n_params(ae), Method.DDPM: lambda: _n_params(ddpm)}.get(m, lambda: _n_params(ae, unet))()
-        train_s = {
-            Method.AE: lambda: training["autoencoder"]["train_seconds"],
-            Method.DDPM: lambda: training["gaussian ddpm"]["train_seconds"],
-        }.get(m, lambda: training["autoencoder"]["train_seconds"] + training["bernoulli denoiser"]["train_seconds"])()
+        parts = {Method.AE: ["autoencoder"], Method.DDPM: ["gaussian ddpm"]}.get(m, ["autoencoder", "bernoulli denoiser"])
+        train_s = sum(training[p]["train_seconds"] for p in parts)
+        train_tflop = sum(training[p].get("train_tflop", float("nan")) for p in parts)
         results_methods[m] = {"settings": c["settings"], "settings_text": c["text"], "threshold": float(THRESHOLD_GRID[t_idx]),
-                              "test": r, "params": params, "train_seconds": train_s,
+                              "test": r, "params": params, "train_seconds": train_s, "train_tflop": train_tflop,
                               "tune": {k: v for k, v in c["tune"].items() if k != "dice_grid"}}
+    # paired bootstrap over the held-out lesion slices: masked minus each baseline
+    if Method.MASKED in results_methods:
+        ours = results_methods[Method.MASKED]["test"]
+        for m, r in results_methods.items():
+            if m == Method.MASKED:
+                continue
+            r["vs_masked"] = {
+                metric: paired_bootstrap_ci(ours[key], r["test"][key], seed=seed)
+                for metric, key in (("dice_fixed", "dice_per_slice"), ("dice_tuned", "dice_tuned_per_slice"),
+                                    ("auprc", "auprc_per_slice"))
+            }
     # timing: all methods back to back on the same slices
     timing_images = np.concatenate([test["images"], test["healthy"]])[: max(1, timing_slices)]
     for m in results_methods:
@@ -882,6 +973,8 @@ def benchmark(
         "ae_iterations": ae_iterations, "ae_batch_size": ae_batch_size, "ae_lr": ae_lr, "denoiser_preset": denoiser_preset,
         "denoiser_channels": denoiser_channels, "ddpm_channels": ddpm_channels, "diffusion_iterations": diffusion_iterations,
         "diffusion_batch_size": diffusion_batch_size, "diffusion_lr": diffusion_lr, "max_train_seconds": max_train_seconds,
+        "budget_tflop": budget_tflop, "ae_share": ae_share, "train_max_timestep": train_max_timestep,
+        "ema_momentum": ema_momentum, "precision": precision, "compile": compile,
         "num_train_timesteps": num_train_timesteps, "noise_levels": noise_levels, "prob_thresholds": prob_thresholds,
         "ddpm_noise_levels": ddpm_noise_levels, "tune_steps": tune_steps, "k_values": k_values, "k_tolerance": k_tolerance,
         "ddpm_steps": ddpm_steps, "ddpm_eta": ddpm_eta, "timing_slices": timing_slices, "eval_batch_size": eval_batch_size,
