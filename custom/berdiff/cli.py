@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "demo": "berdiff.demo:demo",
     "make_lesions": "berdiff.data.lesions:make_lesions",
     "benchmark": "berdiff.benchmark:benchmark",
+    "train_speed": "berdiff.train_speed:train_speed",
 }
 
 
