@@ -241,7 +241,7 @@ def _fit(
     )
     ema = WarmupEMAHandler(network, momentum=ema_momentum)
     ema.attach(trainer)
-    monitor = LossMonitor(interval=max(1, min(100, iterations // 10)), name=name)
+    monitor = LossMonitor(interval=max(1, min(100, iterations // 10)), name=name, print_fn=_log)
     monitor.attach(trainer)
     start = time.perf_counter()
     if max_seconds is not None:

@@ -229,16 +229,21 @@ class LossMonitor:
         interval: iterations between reads.
         name: label of the log lines.
         loss_key: key of the loss in the trainer's output.
-        log: write log lines (``logging`` at INFO, logger ``berdiff.trainers``).
+        log: write log lines (``logging`` at INFO, logger ``berdiff.trainers``, or ``print_fn``).
+        print_fn: optional function that receives the log lines instead of the logger.
     """
 
-    def __init__(self, interval: int = 50, name: str = "train", loss_key: str = "loss", log: bool = True) -> None:
+    def __init__(
+        self, interval: int = 50, name: str = "train", loss_key: str = "loss", log: bool = True,
+        print_fn: Callable[[str], Any] | None = None,
+    ) -> None:
         if int(interval) < 1:
             raise ValueError(f"interval must be >= 1, got {interval}.")
         self.interval = int(interval)
         self.name = name
         self.loss_key = loss_key
         self.log = log
+        self.print_fn = print_fn
         self.history: list[tuple[int, float]] = []
         self._sum: torch.Tensor | None = None
         self._count = 0
@@ -276,7 +281,8 @@ class LossMonitor:
         self.history.append((it, mean))
         if self.log:
             rate = self._samples / max(now - self._last, 1e-9)
-            logger.info(f"{self.name}: iteration {it}, loss {mean:.4f}, {rate:.1f} samples/s, {now - self._start:.0f} s")
+            line = f"{self.name}: iteration {it}, loss {mean:.4f}, {rate:.1f} samples/s, {now - self._start:.0f} s"
+            (self.print_fn or logger.info)(line)
         self._sum, self._count, self._samples, self._last = None, 0, 0, now
 
     def final_loss(self, last: int = 1) -> float:
