@@ -139,6 +139,10 @@ class TestMiniBenchmark(unittest.TestCase):
         self.assertIn((masked["L"], masked["P"]), lp)
         self.assertEqual(sorted(r["K"] for r in tuning["masked_k"]), [1, 2, 3])  # the K grid and tune_steps
         self.assertIn(masked["K"], [r["K"] for r in tuning["masked_k"]])
+        refs = {r["reference"]: r for r in tuning["masked_reference"]}
+        self.assertEqual(set(refs), {"input", "autoencoder"})
+        self.assertIn(masked["reference"], refs)
+        self.assertIn("Anomaly map reference", self.md)
 
     def test_cache_reused_and_keyed(self):
         again = benchmark(train_dir=self.train, test_dir=self.pairs, out=self.out, methods="ae,ddpm", **MINI)
