@@ -32,6 +32,28 @@ class RegionFlipDenoiser(nn.Module):
         return logits
 
 
+class ZeroCodeAutoencoder(nn.Module):
+    """Fake autoencoder: the code of any image is all zeros (B, 4, H, W); decoding gives a zero image."""
+
+    def encode_stage_2_inputs(self, x):
+        return torch.zeros(x.shape[0], 4, *x.shape[2:])
+
+    def decode_stage_2_outputs(self, code):
+        return torch.zeros(code.shape[0], 1, *code.shape[2:])
+
+
+class RecordingDenoiser(nn.Module):
+    """Fake denoiser predicting "no flip" everywhere; records the inputs and timesteps of its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[torch.Tensor, int]] = []
+
+    def forward(self, x, timesteps):
+        self.calls.append((x.clone(), int(timesteps[0])))
+        return torch.full_like(x, -20.0)
+
+
 def _ae():
     torch.manual_seed(0)
     return autoencoder_from_preset("tiny", in_channels=2).eval()
@@ -60,6 +82,22 @@ class TestMaskedBernoulliInferer(unittest.TestCase):
         lfm = out["latent_flip_map"]
         self.assertGreater(lfm[..., 6:8, 8:10].min().item(), 0.05)
         self.assertLess(lfm[..., 12:, 0:3].max().item(), 1e-6)
+
+    def test_first_noising_uses_index_l_minus_1(self):
+        """x_{L-1} ~ q(x_{L-1} | z_in): the first network input has flip rate (1 - ab[L-1]) / 2, not (1 - ab[L]) / 2."""
+        sch = BernoulliScheduler(num_train_timesteps=10)
+        den = RecordingDenoiser()
+        L = 2
+        MaskedBernoulliInferer(sch, noise_level=L, num_inference_steps=L)(
+            torch.zeros(16, 1, 64, 64), ZeroCodeAutoencoder(), den, generator=torch.Generator().manual_seed(0)
+        )
+        self.assertEqual([t for _, t in den.calls], [L - 1, 0])
+        first = den.calls[0][0]  # the code is all zeros, so every 1 is a flip
+        rate, n = first.mean().item(), first.numel()
+        expected, wrong = ((1 - sch.alphas_cumprod[[L - 1, L]].double()) / 2).tolist()
+        sigma = (expected * (1 - expected) / n) ** 0.5
+        self.assertLess(abs(rate - expected), 4 * sigma)
+        self.assertGreater(abs(rate - wrong), 20 * sigma)
 
     def test_mask_is_per_sample(self):
         ae = _ae()

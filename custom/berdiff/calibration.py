@@ -26,6 +26,7 @@ import torch
 
 from berdiff.io import atomic_write_json, check_checkpoint, load_datalist
 from berdiff.metrics import threshold_at_fpr
+from berdiff.model_description import load_pipeline_weights
 from berdiff.transforms import root_cause, volume_preprocessing
 
 __all__ = ["healthy_scores", "threshold_from_maps", "load_threshold", "calibrate", "CALIBRATION_VERSION"]
@@ -193,14 +194,15 @@ def calibrate(
     parser.update(_overrides(bundle_root, device, overrides))
     dev = torch.device(parser.get_parsed_content("device"))
     ckpt_path = parser.get_parsed_content("ckpt_path")
+    model = parser.get_parsed_content("model_settings")  # models/model.json when present, else the config's values
     network = parser.get_parsed_content("network_def", instantiate=True).to(dev)
     if check_checkpoint(ckpt_path, allow_random_weights):
-        network.load_state_dict(torch.load(ckpt_path, map_location=dev, weights_only=True))
+        load_pipeline_weights(network, ckpt_path, dev, model["preset"], model["in_channels"])
     else:
         logger.warning(f"{ckpt_path} not found: calibrating RANDOM weights (allow_random_weights).")
     network.eval()
     inferer = parser.get_parsed_content("inferer", instantiate=True)
-    spatial_size = parser.get_parsed_content("spatial_size")
+    spatial_size = model["spatial_size"]
     num_channels = len(parser.get_parsed_content("modalities"))
     amp = bool(parser.get_parsed_content("amp")) and dev.type == "cuda"
 
@@ -225,7 +227,7 @@ def calibrate(
         raise ValueError("no healthy voxel found in the datalist (all slices diseased or all images empty).")
     threshold = threshold_at_fpr(pooled, fpr)
     settings = {
-        k: parser.get_parsed_content(k)
+        k: model[k] if k in ("preset", "num_inference_steps", "spatial_size") else parser.get_parsed_content(k)
         for k in ("preset", "noise_level", "prob_threshold", "num_inference_steps", "spatial_size", "seed")
     }
     result = {

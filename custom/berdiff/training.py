@@ -24,6 +24,7 @@ from monai.inferers import Inferer
 from monai.losses import PatchAdversarialLoss
 from monai.utils import AdversarialKeys
 
+from berdiff.model_description import description_path, make_model_description, write_model_description
 from berdiff.networks.anomaly_pipeline import AnomalyPipeline
 from berdiff.trainers import Precision, build_trainer, resolve_precision
 
@@ -221,34 +222,121 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str) -> None:
             os.remove(tmp)
 
 
-def export_pipeline(autoencoder: nn.Module, unet: nn.Module, path: str) -> None:
-    """Writes the flat :class:`AnomalyPipeline` state dict (keys ``autoencoder.*``, ``unet.*``; tensors only)."""
+def export_pipeline(
+    autoencoder: nn.Module,
+    unet: nn.Module,
+    path: str,
+    preset: str | None = None,
+    in_channels: int | None = None,
+    spatial_size: int | Sequence[int] | None = None,
+    num_train_timesteps: int = 1000,
+    train_max_timestep: int | None = None,
+    schedule: str = "linear_beta",
+    prediction_type: str = "flip",
+    denoiser_overrides: Mapping[str, Any] | None = None,
+    trained_iterations: int | None = None,
+) -> None:
+    """
+    Writes the flat :class:`AnomalyPipeline` state dict (keys ``autoencoder.*``, ``unet.*``; tensors only) and, when
+    ``preset`` is given, the model description beside it (``model.json``, :mod:`berdiff.model_description`), both
+    atomically. Without ``preset`` a stale description beside ``path`` is removed (it would describe other weights).
+
+    Args:
+        autoencoder: the frozen stage-1 autoencoder.
+        unet: the denoiser.
+        path: the weights file (``models/model.pt``).
+        preset: the preset of both networks (None: no description).
+        in_channels: image channels (the autoencoder's ``in_channels`` when None).
+        spatial_size: in-plane training size (int or [H, W]); required with ``preset``.
+        num_train_timesteps: T.
+        train_max_timestep: end of the trained timestep range (None: all T).
+        schedule: the scheduler's noise schedule.
+        prediction_type: the scheduler's prediction type.
+        denoiser_overrides: extra ``denoiser_from_preset`` arguments used in training.
+        trained_iterations: stage-2 iterations (informational).
+    """
+    description = None
+    if preset is not None:
+        if spatial_size is None:
+            raise ValueError("export_pipeline needs spatial_size to describe the model (preset is set).")
+        description = make_model_description(
+            preset=preset,
+            in_channels=int(getattr(autoencoder, "in_channels", 0)) if in_channels is None else in_channels,
+            spatial_size=spatial_size,
+            latent_channels=int(getattr(autoencoder, "latent_channels", getattr(unet, "in_channels", 0))),
+            num_train_timesteps=num_train_timesteps,
+            train_max_timestep=train_max_timestep,
+            schedule=schedule,
+            prediction_type=prediction_type,
+            denoiser_overrides=denoiser_overrides,
+            trained_iterations=trained_iterations,
+        )
     pipeline = AnomalyPipeline(autoencoder, unet)
     state = {k: v.detach().cpu() for k, v in pipeline.state_dict().items()}
     save_state_dict(state, path)
+    if description is not None:
+        write_model_description(path, description)
+    elif os.path.isfile(description_path(path)):
+        os.remove(description_path(path))
 
 
 class ExportPipeline:
     """
-    Handler writing the combined ``models/model.pt`` (:func:`export_pipeline`) when the trainer completes.
+    Handler writing the combined ``models/model.pt`` and its description ``models/model.json``
+    (:func:`export_pipeline`) when the trainer completes.
 
     Args:
         autoencoder: the frozen stage-1 autoencoder.
         unet: the denoiser to export (the EMA copy).
         filepath: output file.
         enabled: False to skip (e.g. on ranks other than 0).
+        preset: the preset of both networks (None: no ``model.json``).
+        in_channels: image channels (the autoencoder's when None).
+        spatial_size: in-plane training size (int or [H, W]).
+        num_train_timesteps: T.
+        train_max_timestep: end of the trained timestep range (None: all T).
+        schedule: the scheduler's noise schedule.
+        prediction_type: the scheduler's prediction type.
+        denoiser_overrides: extra ``denoiser_from_preset`` arguments used in training.
     """
 
-    def __init__(self, autoencoder: nn.Module, unet: nn.Module, filepath: str, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        autoencoder: nn.Module,
+        unet: nn.Module,
+        filepath: str,
+        enabled: bool = True,
+        preset: str | None = None,
+        in_channels: int | None = None,
+        spatial_size: int | Sequence[int] | None = None,
+        num_train_timesteps: int = 1000,
+        train_max_timestep: int | None = None,
+        schedule: str = "linear_beta",
+        prediction_type: str = "flip",
+        denoiser_overrides: Mapping[str, Any] | None = None,
+    ) -> None:
         self.autoencoder = autoencoder
         self.unet = unet
         self.filepath = filepath
         self.enabled = enabled
+        self.description_args = {
+            "preset": preset,
+            "in_channels": in_channels,
+            "spatial_size": spatial_size,
+            "num_train_timesteps": num_train_timesteps,
+            "train_max_timestep": train_max_timestep,
+            "schedule": schedule,
+            "prediction_type": prediction_type,
+            "denoiser_overrides": denoiser_overrides,
+        }
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
         if self.enabled:
-            export_pipeline(self.autoencoder, self.unet, self.filepath)
+            export_pipeline(
+                self.autoencoder, self.unet, self.filepath, trained_iterations=engine.state.iteration,
+                **self.description_args,
+            )
             engine.logger.info(f"wrote the combined pipeline weights to {self.filepath}")

@@ -268,6 +268,40 @@ class TestBratsInferenceOptions(unittest.TestCase):
         run_workflow(self.tmp, image=files, ckpt_path=missing, allow_random_weights=True)
         self.assertEqual(len(nifti_outputs(self.out)), 3)
 
+    def test_model_json_sets_preset_size_and_trained_range(self):
+        """models/model.json (written by training) wins over the config's preset / spatial_size / T."""
+        from berdiff.model_description import make_model_description, write_model_description
+
+        files = make_case(os.path.join(self.tmp, "data"), "mj", seed=8)
+        ckpt = os.path.join(self.tmp, "models", "model.pt")
+        write_model_description(ckpt, make_model_description(
+            preset="tiny", in_channels=4, spatial_size=[32, 32], latent_channels=4, num_train_timesteps=1000,
+            train_max_timestep=4))
+        run_workflow(self.tmp, image=files, preset="reference", spatial_size=[64, 64], num_train_timesteps=10)
+        with open(os.path.join(self.out, "run_summary.json")) as f:
+            settings = json.load(f)["settings"]
+        self.assertEqual((settings["preset"], settings["spatial_size"]), ("tiny", [32, 32]))
+        self.assertEqual(settings["model_description"], os.path.join(self.tmp, "models", "model.json"))
+        self.assertEqual(len(nifti_outputs(self.out)), 3)
+        # L above the trained range: one clear error, no output
+        out = os.path.join(self.tmp, "out_l")
+        with self.assertRaises(Exception) as ctx:
+            run_workflow(self.tmp, image=files, noise_level=5, output_dir=out)
+        err = ctx.exception
+        while err.__cause__ is not None:  # monai.bundle's "Failed to evaluate" wrappers
+            err = err.__cause__
+        self.assertIsInstance(err, ValueError)
+        self.assertRegex(str(err), r"L = 5 is outside the trained range \[1, 4\]")
+        self.assertFalse(os.path.exists(out) and nifti_outputs(out))
+
+    def test_weights_of_another_preset_clear_error(self):
+        files = make_case(os.path.join(self.tmp, "data"), "wp", seed=8)
+        assert_raises_cause(
+            self, ValueError, "model.pt was trained with preset 'tiny' with 4 image channel.*the config builds preset "
+            "'small' with 4 image channel", run_workflow, self.tmp, image=files, preset="small",
+        )
+        self.assertEqual(nifti_outputs(self.out), [])
+
     def test_monai_label_style_pipeline(self):
         """Like MONAI Label's BundleInferTask: preprocessing, inferer, postprocessing without SaveImaged."""
         from monai.bundle import ConfigParser

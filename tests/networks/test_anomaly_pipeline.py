@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import unittest
+from collections.abc import Sequence
 
 import torch
 from monai.inferers import SliceInferer
@@ -12,11 +13,38 @@ from berdiff.schedulers import BernoulliScheduler
 
 
 def tiny_pipeline(**kwargs) -> AnomalyPipeline:
+    """A tiny pipeline whose denoiser output is NOT constant: MONAI's UNet zero-initialises its output convolution
+    (flip probability exactly 1/2 everywhere, so the mask would always be empty and the noise would not matter);
+    it is randomised here."""
     torch.manual_seed(0)
     ae = autoencoder_from_preset("tiny", in_channels=2)
     unet = denoiser_from_preset("tiny", latent_channels=4)
+    torch.nn.init.normal_(unet.out[2].conv.weight, std=0.3)
+    torch.nn.init.normal_(unet.out[2].conv.bias, std=0.3)
     kwargs = {"scheduler": BernoulliScheduler(num_train_timesteps=20), "noise_level": 6, **kwargs}
     return AnomalyPipeline(ae, unet, **kwargs).eval()
+
+
+def volume(num_slices: int = 5, blank: Sequence[int] = ()) -> torch.Tensor:
+    """(1, 2, 16, 16, D) volume of distinct random slices (axial axis last), with blank (zero) slices."""
+    torch.manual_seed(1)
+    vol = torch.rand(1, 2, 16, 16, num_slices)
+    for i in blank:
+        vol[..., i] = 0.0
+    return vol
+
+
+def slice_maps(pipe: AnomalyPipeline, vol: torch.Tensor, sw_batch_size: int) -> torch.Tensor:
+    """The bundle's inferer (configs/inference.yaml): 2D slices of the whole in-plane size, batched."""
+    inferer = SliceInferer(roi_size=vol.shape[2:4], spatial_dim=2, sw_batch_size=sw_batch_size, overlap=0.0)
+    with torch.no_grad():
+        return inferer(vol, pipe)
+
+
+def assert_same_maps(test: unittest.TestCase, a: torch.Tensor, b: torch.Tensor, msg: str = "") -> None:
+    """Equal up to the float rounding of batched convolutions (~1e-6): the random draws are the same."""
+    test.assertEqual(a.shape, b.shape, msg)
+    torch.testing.assert_close(a, b, rtol=0.0, atol=1e-5, msg=msg)
 
 
 class TestAnomalyPipeline(unittest.TestCase):
@@ -29,9 +57,36 @@ class TestAnomalyPipeline(unittest.TestCase):
         self.assertTrue(all(k.startswith(("autoencoder.", "unet.")) for k in keys), keys)
 
     def test_seeded_forward_is_reproducible(self):
-        pipe = tiny_pipeline(seed=3)
+        pipe = tiny_pipeline(seed=3, output_keys=("anomaly_map", "latent_flip_map", "reconstruction"))
         x = torch.rand(2, 2, 16, 16)
         self.assertTrue(torch.equal(pipe(x), pipe(x)))
+        mask = pipe.run(x)["mask"]
+        self.assertTrue(0.0 < mask.float().mean().item() < 1.0)  # the network is not constant: masks are non-trivial
+        other = tiny_pipeline(seed=4, output_keys=pipe.output_keys)
+        self.assertFalse(torch.equal(pipe(x), other(x)))  # the seed matters
+        self.assertFalse(torch.equal(pipe(x), tiny_pipeline(seed=None, output_keys=pipe.output_keys)(x)))
+
+    def test_maps_do_not_depend_on_the_batch(self):
+        """sw_batch_size, the slice's position and blank slices beside it do not change a slice's maps."""
+        keys = ("anomaly_map", "latent_flip_map", "reconstruction")
+        pipe = tiny_pipeline(output_keys=keys)
+        vol = volume(5, blank=[1])
+        ref = slice_maps(pipe, vol, 1)
+        self.assertGreater(ref[:, 0].abs().amax().item(), 0.0)
+        for sw in (2, 3, 5):
+            assert_same_maps(self, slice_maps(pipe, vol, sw), ref, f"sw_batch_size {sw}")
+        # slice 3 alone, at another position (first), and with skip_empty off beside the blank slice
+        assert_same_maps(self, pipe(vol[..., 3]), ref[..., 3])
+        moved = slice_maps(pipe, vol[..., [3, 0, 1, 2, 4]], 5)
+        assert_same_maps(self, moved[..., 0], ref[..., 3])
+        no_skip = tiny_pipeline(output_keys=keys, skip_empty=False)
+        both = no_skip(torch.cat([vol[..., 1], vol[..., 3]]))
+        assert_same_maps(self, both[1:], ref[..., 3])
+        # explicit per-sample generators are still honoured
+        x = torch.cat([vol[..., 0], vol[..., 2]])
+        out = pipe.run(x, generator=[torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)])
+        alone = pipe.run(x[1:], generator=[torch.Generator().manual_seed(8)])
+        assert_same_maps(self, out["anomaly_map"][1:], alone["anomaly_map"])
 
     def test_output_keys(self):
         pipe = tiny_pipeline(output_keys=("anomaly_map", "latent_flip_map", "reconstruction"))

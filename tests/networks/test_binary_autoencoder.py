@@ -33,6 +33,19 @@ class TestBinaryAutoencoder(unittest.TestCase):
         self.assertTrue(torch.equal(stage2, (ae.encode(x) > 0.5).float()))
         self.assertEqual(ae.decode_stage_2_outputs(stage2).shape, x.shape)
 
+    def test_stage_2_code_ignores_autocast(self):
+        """The code under bf16 autocast (inference) equals the float32 code (training's cached codes)."""
+        torch.manual_seed(0)
+        ae = tiny_ae(1).eval()
+        x = torch.rand(4, 1, 64, 64)
+        reference = ae.encode_stage_2_inputs(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            naive = (ae.encode(x) > 0.5).float()  # what the encoder gives under autocast
+            code = ae.encode_stage_2_inputs(x)
+        self.assertGreater((naive != reference).float().mean().item(), 0.0)  # bf16 would change some bits here
+        self.assertTrue(torch.equal(code, reference))
+        self.assertEqual(code.dtype, torch.float32)
+
     def test_3d(self):
         ae = tiny_ae(1, spatial_dims=3)
         recon, probs, _ = ae(torch.rand(1, 1, 8, 8, 8))

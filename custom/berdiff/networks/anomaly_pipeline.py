@@ -18,10 +18,47 @@ import torch.nn as nn
 from berdiff.inferers import AnomalyReference, FinalCode, GeneratorLike, LatentReduction, MaskedBernoulliInferer
 from berdiff.schedulers import BernoulliScheduler
 
-__all__ = ["AnomalyPipeline", "PIPELINE_OUTPUT_KEYS"]
+__all__ = ["AnomalyPipeline", "PIPELINE_OUTPUT_KEYS", "slice_seeds"]
 
 #: keys of :meth:`AnomalyPipeline.run` that ``forward`` can concatenate along the channel axis.
 PIPELINE_OUTPUT_KEYS = ("anomaly_map", "latent_flip_map", "reconstruction")
+
+#: modulus of the content hash (the Mersenne prime 2**31 - 1) and the multipliers of its positional weights
+_HASH_MOD = 2**31 - 1
+_HASH_MUL, _HASH_ADD = 48271, 11
+
+
+def slice_seeds(image: torch.Tensor, seed: int) -> list[int]:
+    """
+    One random seed per sample, derived from ``seed`` and a cheap deterministic hash of the sample's content, so a
+    slice gets the same noise whatever batch it is in: ``SliceInferer`` does not tell the network a slice's index,
+    but the slice's values are the same in every batch (and identical slices rightly get identical maps).
+
+    The hash is exact integer arithmetic on the device: the float32 bit patterns ``b_j`` of the sample's values
+    (C, H, W flattened) are weighted by fixed positional weights ``w_j = (48271 * j + 11) mod (2**31 - 1)`` and
+    summed modulo ``2**31 - 1`` (no float rounding, no order dependence, equal on CPU and CUDA); the seed is
+    ``splitmix64(seed * 2**31 + hash)``. One small device-to-host copy of B integers per call.
+
+    Args:
+        image: (B, ...) batch.
+        seed: the pipeline's seed.
+    """
+    flat = image.detach().as_subclass(torch.Tensor).reshape(image.shape[0], -1).float().contiguous()
+    bits = flat.view(torch.int32).to(torch.int64)
+    positions = torch.arange(flat.shape[1], device=flat.device, dtype=torch.int64)
+    weights = (positions * _HASH_MUL + _HASH_ADD).remainder(_HASH_MOD)
+    # |bits * weights| < 2**62 and at most ~2**31 terms of < 2**31 after the first remainder: no int64 overflow
+    hashes = (bits * weights).remainder(_HASH_MOD).sum(dim=1).remainder(_HASH_MOD).tolist()
+    return [_splitmix64((int(seed) << 31) + int(h)) for h in hashes]
+
+
+def _splitmix64(x: int) -> int:
+    """The splitmix64 finaliser (a bijective 64-bit mix): nearby inputs give unrelated seeds."""
+    mask = 2**64 - 1
+    x = (x + 0x9E3779B97F4A7C15) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
 
 
 class AnomalyPipeline(nn.Module):
@@ -43,7 +80,9 @@ class AnomalyPipeline(nn.Module):
         anomaly_reference: see :class:`~berdiff.inferers.AnomalyReference` ("input": the paper's map).
         output_keys: what ``forward`` returns, concatenated along channels, from :data:`PIPELINE_OUTPUT_KEYS`
             (default: the anomaly map only, one channel).
-        seed: when not None, every ``forward`` call uses a generator seeded with it (reproducible bundle output).
+        seed: when not None, every ``forward`` call gives each sample its own generator, seeded from ``seed`` and
+            a hash of the sample's content (:func:`slice_seeds`): a slice's maps are reproducible and do not depend
+            on the batch it is in (``sw_batch_size``, its position, skipped empty slices beside it).
         skip_empty: samples whose image is constant (e.g. slices outside the head) are not sent through the
             networks; their maps are zero and their reconstruction equals the input.
     """
@@ -86,8 +125,11 @@ class AnomalyPipeline(nn.Module):
         self.seed = seed
         self.skip_empty = skip_empty
 
-    def _generator(self, device: torch.device) -> torch.Generator | None:
-        return None if self.seed is None else torch.Generator(device=device).manual_seed(int(self.seed))
+    def _generator(self, image: torch.Tensor) -> list[torch.Generator] | None:
+        """One generator per sample, seeded from ``seed`` and the sample's content (see :func:`slice_seeds`)."""
+        if self.seed is None:
+            return None
+        return [torch.Generator(device=image.device).manual_seed(s) for s in slice_seeds(image, int(self.seed))]
 
     @torch.no_grad()
     def run(self, image: torch.Tensor, generator: GeneratorLike = None) -> dict[str, torch.Tensor]:
@@ -101,7 +143,7 @@ class AnomalyPipeline(nn.Module):
         if not torch.isfinite(image).all():
             raise ValueError("the input image contains NaN or infinite values.")
         if generator is None:
-            generator = self._generator(image.device)
+            generator = self._generator(image)
         flat = image.reshape(image.shape[0], -1)
         active = (flat.amax(dim=1) > flat.amin(dim=1)) if self.skip_empty else torch.ones_like(flat[:, 0], dtype=torch.bool)
         if bool(active.all()):

@@ -212,8 +212,15 @@ class BinaryAutoencoder(nn.Module):
         return self.decoder(self.norm_in(self.embed(code.to(self.embed.conv.weight.dtype))))
 
     def encode_stage_2_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic binary code ``1[p > threshold]`` (the input of the diffusion model)."""
-        return self.binarize(self.encode(x), BinarizationMode.THRESHOLD).detach()
+        """
+        Deterministic binary code ``1[p > threshold]`` (the input of the diffusion model). Always computed with
+        autocast disabled, in the weights' precision (float32), so that the code of an image is the same bits at
+        training (codes cached once, usually without autocast) and at inference (often under bf16 autocast, which
+        would otherwise move some probabilities across the threshold).
+        """
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.to(self.to_logits.conv.weight.dtype)
+            return self.binarize(self.encode(x), BinarizationMode.THRESHOLD).detach()
 
     def decode_stage_2_outputs(self, code: torch.Tensor) -> torch.Tensor:
         """Image from a (binary or soft) code, as ``LatentDiffusionInferer`` expects."""

@@ -1,0 +1,434 @@
+# Copyright (c) berdiff contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+"""
+The model description that travels with ``models/model.pt``: ``models/model.json`` (same stem), written by the
+training export and read by inference, so that the network sizes (preset), image channels, slice size, the number of
+diffusion timesteps T and the trained timestep range come from the model rather than from config values that must be
+kept in sync by hand. Layout (format ``berdiff-pipeline-v1``)::
+
+    {
+        "format": "berdiff-pipeline-v1",
+        "preset": "small",
+        "in_channels": 4,
+        "spatial_size": [96, 96],
+        "latent_channels": 32,
+        "denoiser_overrides": {},
+        "num_train_timesteps": 1000,
+        "schedule": "linear_beta",
+        "prediction_type": "flip",
+        "train_max_timestep": 400,
+        "trained_iterations": 1234
+    }
+
+``train_max_timestep`` is null when all T timesteps were trained; ``trained_iterations`` is optional.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from ignite.engine import Engine
+from monai.handlers import CheckpointLoader
+
+from berdiff.io import atomic_write_json
+from berdiff.networks.presets import Preset, autoencoder_from_preset, denoiser_from_preset
+from berdiff.schedulers import BernoulliPredictionType
+
+__all__ = [
+    "MODEL_DESCRIPTION_FORMAT",
+    "description_path",
+    "make_model_description",
+    "write_model_description",
+    "read_model_description",
+    "check_noise_level",
+    "inference_settings",
+    "identify_preset",
+    "load_pipeline_weights",
+    "PipelineCheckpointLoader",
+]
+
+logger = logging.getLogger(__name__)
+
+#: value of the ``format`` key
+MODEL_DESCRIPTION_FORMAT = "berdiff-pipeline-v1"
+
+_REQUIRED_KEYS = (
+    "format",
+    "preset",
+    "in_channels",
+    "spatial_size",
+    "latent_channels",
+    "denoiser_overrides",
+    "num_train_timesteps",
+    "schedule",
+    "prediction_type",
+    "train_max_timestep",
+)
+
+
+def description_path(model_path: os.PathLike | str) -> str:
+    """The description file beside ``model_path``: the same stem with ``.json`` (``models/model.pt`` ->
+    ``models/model.json``)."""
+    return os.path.splitext(os.fspath(model_path))[0] + ".json"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate(description: Any, source: str) -> dict[str, Any]:
+    """Checks keys and types of a description; returns a copy with ``spatial_size`` as a list."""
+
+    def fail(problem: str) -> ValueError:
+        return ValueError(f"invalid model description {source}: {problem}")
+
+    if not isinstance(description, Mapping):
+        raise fail(f"expected a JSON object, got {type(description).__name__}.")
+    d = dict(description)
+    missing = [k for k in _REQUIRED_KEYS if k not in d]
+    if missing:
+        raise fail(f"missing key(s) {missing}.")
+    if d["format"] != MODEL_DESCRIPTION_FORMAT:
+        raise fail(f"format must be {MODEL_DESCRIPTION_FORMAT!r}, got {d['format']!r}.")
+    presets = [str(p) for p in Preset.__members__.values()]
+    if d["preset"] not in presets:
+        raise fail(f"preset must be one of {presets}, got {d['preset']!r}.")
+    for key in ("in_channels", "latent_channels", "num_train_timesteps"):
+        if not _is_int(d[key]) or d[key] < 1:
+            raise fail(f"{key} must be a positive integer, got {d[key]!r}.")
+    size = d["spatial_size"]
+    if (
+        not isinstance(size, (list, tuple))
+        or len(size) not in (2, 3)
+        or not all(_is_int(s) and s > 0 for s in size)
+    ):
+        raise fail(f"spatial_size must be a list of 2 (or 3) positive integers, got {size!r}.")
+    d["spatial_size"] = [int(s) for s in size]
+    if not isinstance(d["denoiser_overrides"], Mapping):
+        raise fail(f"denoiser_overrides must be an object, got {d['denoiser_overrides']!r}.")
+    d["denoiser_overrides"] = dict(d["denoiser_overrides"])
+    if not isinstance(d["schedule"], str) or not d["schedule"]:
+        raise fail(f"schedule must be a non-empty string, got {d['schedule']!r}.")
+    kinds = [str(p) for p in BernoulliPredictionType.__members__.values()]
+    if d["prediction_type"] not in kinds:
+        raise fail(f"prediction_type must be one of {kinds}, got {d['prediction_type']!r}.")
+    top = d["train_max_timestep"]
+    if top is not None and (not _is_int(top) or not 1 <= top <= d["num_train_timesteps"]):
+        raise fail(f"train_max_timestep must be null or an integer in [1, num_train_timesteps = "
+                   f"{d['num_train_timesteps']}], got {top!r}.")
+    iterations = d.get("trained_iterations")
+    if iterations is not None and (not _is_int(iterations) or iterations < 0):
+        raise fail(f"trained_iterations must be null or a non-negative integer, got {iterations!r}.")
+    return d
+
+
+def make_model_description(
+    preset: str,
+    in_channels: int,
+    spatial_size: int | Sequence[int],
+    latent_channels: int,
+    num_train_timesteps: int = 1000,
+    train_max_timestep: int | None = None,
+    schedule: str = "linear_beta",
+    prediction_type: str = BernoulliPredictionType.FLIP,
+    denoiser_overrides: Mapping[str, Any] | None = None,
+    trained_iterations: int | None = None,
+) -> dict[str, Any]:
+    """
+    A validated description dict (the JSON layout of the module docstring).
+
+    Args:
+        preset: the :class:`~berdiff.networks.Preset` of both networks.
+        in_channels: image channels.
+        spatial_size: in-plane size the slices were trained at (an int means a square).
+        latent_channels: bits per latent position (``autoencoder.latent_channels``).
+        num_train_timesteps: T of the scheduler.
+        train_max_timestep: end of the trained timestep range (None: all T).
+        schedule: the scheduler's noise schedule name.
+        prediction_type: the scheduler's prediction type.
+        denoiser_overrides: extra keyword arguments given to ``denoiser_from_preset``.
+        trained_iterations: number of stage-2 training iterations (informational).
+    """
+    size = [int(spatial_size)] * 2 if isinstance(spatial_size, int) else [int(s) for s in spatial_size]
+    description = {
+        "format": MODEL_DESCRIPTION_FORMAT,
+        "preset": str(preset),
+        "in_channels": int(in_channels),
+        "spatial_size": size,
+        "latent_channels": int(latent_channels),
+        "denoiser_overrides": dict(denoiser_overrides or {}),
+        "num_train_timesteps": int(num_train_timesteps),
+        "schedule": str(schedule),
+        "prediction_type": str(prediction_type),
+        "train_max_timestep": None if train_max_timestep is None else int(train_max_timestep),
+    }
+    if trained_iterations is not None:
+        description["trained_iterations"] = int(trained_iterations)
+    return _validate(description, "(being written)")
+
+
+def write_model_description(model_path: os.PathLike | str, description: Mapping[str, Any]) -> None:
+    """
+    Validates ``description`` and writes it atomically to :func:`description_path` of ``model_path`` (UTF-8 JSON,
+    indent 4, final newline).
+
+    Raises:
+        ValueError: when the description is invalid (nothing is written).
+    """
+    d = _validate(description, "(being written)")
+    atomic_write_json(d, description_path(model_path), indent=4)
+
+
+def read_model_description(model_path: os.PathLike | str, required: bool = False) -> dict[str, Any] | None:
+    """
+    Reads and validates the description beside ``model_path``.
+
+    Args:
+        model_path: the weights file (``models/model.pt``); the description is ``models/model.json``.
+        required: raise when the description is missing instead of returning None.
+
+    Raises:
+        FileNotFoundError: missing description and ``required``.
+        ValueError: unreadable JSON, missing keys or wrong types (the message names the file and the key).
+    """
+    import json
+
+    path = description_path(model_path)
+    if not os.path.isfile(path):
+        if required:
+            raise FileNotFoundError(f"model description not found: {path} (written by the stage-2 training export).")
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"invalid model description {path}: cannot read it as JSON ({e}).") from None
+    return _validate(content, path)
+
+
+def check_noise_level(description: Mapping[str, Any], noise_level: int) -> None:
+    """
+    Checks that the noise level L lies in the trained range ``[1, train_max_timestep or T]``: inference from L visits
+    the timesteps ``L - 1, ..., 0``, and the denoiser never saw timesteps at or above ``train_max_timestep``.
+
+    Raises:
+        ValueError: naming L and the trained range.
+    """
+    total = int(description["num_train_timesteps"])
+    top = description.get("train_max_timestep")
+    end = total if top is None else int(top)
+    if not _is_int(noise_level) or not 1 <= noise_level <= end:
+        why = f"train_max_timestep = {top}" if top is not None else f"T = {total}"
+        raise ValueError(
+            f"noise_level L = {noise_level} is outside the trained range [1, {end}] ({why}): the denoiser was only "
+            f"trained on timesteps t < {end}; choose L <= {end} or train with a larger train_max_timestep."
+        )
+
+
+def inference_settings(
+    model_path: os.PathLike | str,
+    preset: str,
+    in_channels: int,
+    spatial_size: int | Sequence[int],
+    num_train_timesteps: int = 1000,
+    noise_level: int | None = None,
+    num_inference_steps: int | None = None,
+) -> dict[str, Any]:
+    """
+    The model settings inference uses: those of the model description beside ``model_path`` when it exists, else
+    the given config values (the fallback for weights without a description). Used by ``configs/inference.yaml``
+    (its ``model_settings``) and therefore by ``python -m berdiff calibrate``.
+
+    Args:
+        model_path: the weights (``models/model.pt``); it need not exist (config parsing, random-weight tests).
+        preset: the config's preset (fallback).
+        in_channels: the number of image channels the config's preprocessing produces (``len(modalities)``); must
+            equal the description's.
+        spatial_size: the config's in-plane size (fallback; an int means a square).
+        num_train_timesteps: the config's T (fallback).
+        noise_level: L; when given and the description has a trained range, checked with :func:`check_noise_level`.
+        num_inference_steps: K; capped at L (None: L).
+
+    Returns:
+        a dict with ``preset``, ``in_channels``, ``spatial_size`` (list), ``num_train_timesteps``, ``schedule``,
+        ``prediction_type``, ``latent_channels`` (None without a description: the preset's),
+        ``denoiser_overrides``, ``train_max_timestep``, ``num_inference_steps`` (K after capping, None when L is not
+        given and K is None) and ``description`` (the path of the description used, or None).
+
+    Raises:
+        ValueError: invalid description, channel mismatch, or L outside the trained range.
+    """
+    description = read_model_description(model_path)
+    size = [int(spatial_size)] * 2 if isinstance(spatial_size, int) else [int(s) for s in spatial_size]
+    if description is None:
+        settings: dict[str, Any] = {
+            "preset": str(preset),
+            "in_channels": int(in_channels),
+            "spatial_size": size,
+            "num_train_timesteps": int(num_train_timesteps),
+            "schedule": "linear_beta",
+            "prediction_type": str(BernoulliPredictionType.FLIP),
+            "latent_channels": None,
+            "denoiser_overrides": {},
+            "train_max_timestep": None,
+            "description": None,
+        }
+    else:
+        if description["in_channels"] != int(in_channels):
+            raise ValueError(
+                f"{description_path(model_path)}: the model takes {description['in_channels']} image channel(s), "
+                f"but the config's preprocessing gives {in_channels} (modalities): use a model trained on the same "
+                "modalities."
+            )
+        settings = {k: description[k] for k in _REQUIRED_KEYS if k != "format"}
+        settings["description"] = description_path(model_path)
+        for key, mine, theirs in (("preset", preset, settings["preset"]), ("spatial_size", size, settings["spatial_size"])):
+            if mine != theirs:
+                logger.info(f"{key}: {theirs!r} from {settings['description']} (the config's {mine!r} is not used).")
+    steps = num_inference_steps
+    if noise_level is not None:
+        if description is not None:
+            check_noise_level(description, noise_level)
+        if steps is not None and _is_int(noise_level) and int(steps) > noise_level:
+            steps = noise_level  # K <= L: the default K is capped for small L
+    settings["num_inference_steps"] = None if steps is None else int(steps)
+    return settings
+
+
+def _meta_state_shapes(preset: str, in_channels: int, latent_channels: int | None = None) -> dict[str, tuple]:
+    """State-dict shapes of an AnomalyPipeline of a preset, built on the meta device (no memory, no init cost)."""
+    from berdiff.networks.anomaly_pipeline import AnomalyPipeline
+
+    overrides = {} if latent_channels is None else {"latent_channels": latent_channels}
+    with torch.device("meta"):
+        pipe = AnomalyPipeline(
+            autoencoder_from_preset(preset, in_channels=in_channels, **overrides),
+            denoiser_from_preset(preset, latent_channels=latent_channels),
+        )
+    return {k: tuple(v.shape) for k, v in pipe.state_dict().items()}
+
+
+_FIRST_CONV = "autoencoder.encoder.blocks.0.conv.weight"
+_LATENT_CONV = "autoencoder.to_logits.conv.weight"
+
+
+def identify_preset(state: Mapping[str, torch.Tensor]) -> tuple[str, int] | None:
+    """
+    The ``(preset, in_channels)`` of an AnomalyPipeline state dict (flat ``models/model.pt``) whose keys and shapes
+    match one of the presets exactly, or None.
+    """
+    if _FIRST_CONV not in state or _LATENT_CONV not in state:
+        return None
+    in_channels = int(state[_FIRST_CONV].shape[1])
+    latent_channels = int(state[_LATENT_CONV].shape[0])
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    for preset in Preset.__members__.values():
+        try:
+            if _meta_state_shapes(str(preset), in_channels, latent_channels) == shapes:
+                return str(preset), in_channels
+        except (ValueError, TypeError, RuntimeError):
+            continue
+    return None
+
+
+def _describe(preset: str | None, in_channels: int | None) -> str:
+    text = f"preset {preset!r}" if preset is not None else "an unknown network size"
+    return text + (f" with {in_channels} image channel(s)" if in_channels is not None else "")
+
+
+def _mismatch_error(
+    model_path: os.PathLike | str, state: Mapping[str, torch.Tensor], preset: str | None, in_channels: int | None,
+    detail: str,
+) -> ValueError:
+    found = identify_preset(state)
+    trained = _describe(*found) if found is not None else "networks of no known preset"
+    hint = ""
+    if found is not None:
+        hint = f" Set --preset {found[0]} (or keep the model.json written by training beside it)."
+        if in_channels is not None and found[1] != in_channels:
+            hint = f" Use it with {found[1]}-channel images and --preset {found[0]}."
+    lines = [line.strip() for line in detail.splitlines()[1:] if line.strip()]
+    lines.sort(key=lambda line: not line.startswith("size mismatch"))  # the most telling difference first
+    first = f" First difference: {lines[0][:200]}{'...' if len(lines[0]) > 200 else ''}" if lines else ""
+    return ValueError(
+        f"{model_path} does not fit the network the config builds: model.pt was trained with {trained}, the config "
+        f"builds {_describe(preset, in_channels)}.{hint}{first}"
+    )
+
+
+def _is_state_mismatch(error: RuntimeError) -> bool:
+    return "Error(s) in loading state_dict" in str(error)
+
+
+def load_pipeline_weights(
+    network: nn.Module,
+    model_path: os.PathLike | str,
+    map_location: torch.device | str | None = "cpu",
+    preset: str | None = None,
+    in_channels: int | None = None,
+) -> nn.Module:
+    """
+    Loads a flat ``models/model.pt`` into ``network`` (strict); when the weights do not fit, raises one ValueError
+    naming the preset the weights were trained with (found from their shapes) and the one the config builds.
+
+    Args:
+        network: the :class:`~berdiff.networks.AnomalyPipeline`.
+        model_path: the weights file.
+        map_location: device of the loaded tensors.
+        preset: the preset the config builds (for the message).
+        in_channels: the image channels the config builds (for the message).
+    """
+    state = torch.load(os.fspath(model_path), map_location=map_location, weights_only=True)
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        if not _is_state_mismatch(e):
+            raise
+        raise _mismatch_error(model_path, state, preset, in_channels, str(e)) from None
+    return network
+
+
+class PipelineCheckpointLoader(CheckpointLoader):
+    """
+    MONAI ``CheckpointLoader`` for the flat ``models/model.pt`` whose error, when the weights do not fit the network
+    (another preset or channel count), names the preset the weights were trained with and the one the config builds.
+
+    Args:
+        load_path: the weights file.
+        load_dict: ``{"model": network}``.
+        preset: the preset the config builds (for the message).
+        in_channels: the image channels the config builds (for the message).
+        kwargs: other ``CheckpointLoader`` arguments (``map_location``, ``strict``, ...).
+    """
+
+    def __init__(
+        self,
+        load_path: str,
+        load_dict: dict,
+        preset: str | None = None,
+        in_channels: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(load_path, load_dict, **kwargs)
+        self.preset = preset
+        self.in_channels = in_channels
+
+    def __call__(self, engine: Engine) -> None:
+        try:
+            super().__call__(engine)
+        except RuntimeError as e:
+            if not _is_state_mismatch(e):
+                raise
+            state = torch.load(self.load_path, map_location="cpu", weights_only=True)
+            raise _mismatch_error(self.load_path, state, self.preset, self.in_channels, str(e)) from None
