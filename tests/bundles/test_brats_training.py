@@ -48,10 +48,11 @@ def _workflow(config, tmp: str, data: str, **overrides) -> ConfigWorkflow:
 
 
 def flip_bce(unet: torch.nn.Module, scheduler, codes: torch.Tensor) -> float:
-    """BCE of the flip logits on fresh noise of ``codes`` at every timestep of [0, T) (the training range)."""
+    """BCE of the flip logits on fresh noise at every timestep of [0, T) (the training range), each with one of
+    ``codes`` in turn: the timestep-only predictor's expected loss on this set is ``timestep_only_bce``."""
     gen = torch.Generator().manual_seed(0)
-    t = torch.arange(scheduler.num_train_timesteps).repeat_interleave(len(codes))
-    x0 = codes.float().repeat(scheduler.num_train_timesteps, 1, 1, 1)
+    t = torch.arange(scheduler.num_train_timesteps)
+    x0 = codes.float()[t % len(codes)]
     xt = scheduler.add_noise(x0, torch.rand(x0.shape, generator=gen), t)
     unet = unet.eval()
     with torch.no_grad():
