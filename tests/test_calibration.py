@@ -110,6 +110,28 @@ class TestCalibrateCommand(unittest.TestCase):
             self.assertAlmostEqual(float(np.mean(pooled > result["threshold"])), result["achieved_fpr"], places=6)
             self.assertAlmostEqual(threshold_from_maps([pooled], 0.05), result["threshold"], places=5)
 
+    def test_calibrate_reads_model_json(self):
+        """The preset and slice size come from models/model.json; weights of another preset: one clear error."""
+        from berdiff.model_description import make_model_description, write_model_description
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = make_model(tmp)
+            datalist = os.path.join(tmp, "healthy.json")
+            with open(datalist, "w") as f:
+                json.dump([{"image": make_case(os.path.join(tmp, "data"), "H_2", seed=3)}], f)
+            out = os.path.join(tmp, "calibration.json")
+            common = {"bundle_root": BUNDLE, "datalist": datalist, "out": out, "device": "cpu", "ckpt_path": ckpt,
+                      "progress": False, "noise_level": 2, "preset": "small", "spatial_size": [64, 64]}
+            with self.assertRaisesRegex(ValueError, "trained with preset 'tiny'.*builds preset 'small'"):
+                calibrate(**common)
+            write_model_description(ckpt, make_model_description("tiny", 4, [32, 32], 4, train_max_timestep=3))
+            with open(calibrate(**common)) as f:
+                settings = json.load(f)["settings"]
+            self.assertEqual((settings["preset"], settings["spatial_size"], settings["num_inference_steps"]),
+                             ("tiny", [32, 32], 2))
+            with self.assertRaisesRegex(ValueError, "outside the trained range"):
+                calibrate(**{**common, "noise_level": 4})
+
     def test_calibrate_bad_input(self):
         with tempfile.TemporaryDirectory() as tmp:
             files = make_case(os.path.join(tmp, "data"), "N_1", seed=9)

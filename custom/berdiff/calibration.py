@@ -194,7 +194,10 @@ def calibrate(
     parser.update(_overrides(bundle_root, device, overrides))
     dev = torch.device(parser.get_parsed_content("device"))
     ckpt_path = parser.get_parsed_content("ckpt_path")
-    model = parser.get_parsed_content("model_settings")  # models/model.json when present, else the config's values
+    try:  # models/model.json when present, else the config's values; raise its clear error, not monai's wrapper
+        model = parser.get_parsed_content("model_settings")
+    except RuntimeError as e:
+        raise (e.__cause__ if isinstance(e.__cause__, ValueError) else e) from None
     network = parser.get_parsed_content("network_def", instantiate=True).to(dev)
     if check_checkpoint(ckpt_path, allow_random_weights):
         load_pipeline_weights(network, ckpt_path, dev, model["preset"], model["in_channels"])

@@ -228,7 +228,9 @@ def check_noise_level(description: Mapping[str, Any], noise_level: int) -> None:
     total = int(description["num_train_timesteps"])
     top = description.get("train_max_timestep")
     end = total if top is None else int(top)
-    if not _is_int(noise_level) or not 1 <= noise_level <= end:
+    if not _is_int(noise_level):
+        raise ValueError(f"noise_level L must be an integer, got {noise_level!r}.")
+    if not 1 <= noise_level <= end:
         why = f"train_max_timestep = {top}" if top is not None else f"T = {total}"
         raise ValueError(
             f"noise_level L = {noise_level} is outside the trained range [1, {end}] ({why}): the denoiser was only "

@@ -17,6 +17,8 @@ from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
 from berdiff.data.brats import prepare_brats
+from berdiff.losses import timestep_only_bce
+from berdiff.model_description import read_model_description
 from berdiff.networks import AnomalyPipeline, autoencoder_from_preset, denoiser_from_preset
 from berdiff.training import DelayedAdversarialLoss, latest_checkpoint, training_loss_output
 from tests.data.test_brats import write_brats_subjects
@@ -45,6 +47,19 @@ def _workflow(config, tmp: str, data: str, **overrides) -> ConfigWorkflow:
     return wf
 
 
+def flip_bce(unet: torch.nn.Module, scheduler, codes: torch.Tensor) -> float:
+    """BCE of the flip logits on fresh noise at every timestep of [0, T) (the training range), each with one of
+    ``codes`` in turn: the timestep-only predictor's expected loss on this set is ``timestep_only_bce``."""
+    gen = torch.Generator().manual_seed(0)
+    t = torch.arange(scheduler.num_train_timesteps)
+    x0 = codes.float()[t % len(codes)]
+    xt = scheduler.add_noise(x0, torch.rand(x0.shape, generator=gen), t)
+    unet = unet.eval()
+    with torch.no_grad():
+        logits = torch.cat([unet(xt[i : i + 512], timesteps=t[i : i + 512]) for i in range(0, len(t), 512)])
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, (xt != x0).float()).item()
+
+
 class TestBratsTraining(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -71,15 +86,27 @@ class TestBratsTraining(unittest.TestCase):
             self.assertTrue(os.path.isfile(os.path.join(stage1, name)), name)
         self.assertTrue(os.listdir(os.path.join(tmp, "logs")))  # TensorBoard events
 
-        wf = _workflow(DIFF_CONFIG, tmp, self.data)
+        # 30 epochs of 2 iterations (validation once, at the end), a learning rate for so short a run
+        wf = _workflow(DIFF_CONFIG, tmp, self.data, max_epochs=30, val_interval=30, learning_rate=1e-2)
         self.assertEqual(wf.check_properties(), [])
         trainer = wf.parser.get_parsed_content("train#trainer")
         wf.run()
         wf.finalize()
-        self.assertEqual(trainer.state.iteration, 2)
-        self.assertLess(trainer.state.output["loss"].item(), 0.75)  # BCE of flip logits, ln 2 at initialisation
+        self.assertEqual(trainer.state.iteration, 60)
+        # the denoiser learned the codes: it beats the best predictor that sees only the timestep
+        unet, scheduler = wf.parser.get_parsed_content("network_def"), wf.parser.get_parsed_content("scheduler")
+        codes = torch.stack([item["image"] for item in wf.parser.get_parsed_content("train#dataset")])
+        self.assertLess(flip_bce(unet, scheduler, codes), timestep_only_bce(scheduler) - 0.01)
         model_path = os.path.join(tmp, "models", "model.pt")
-        self.assertEqual(sorted(os.listdir(os.path.join(tmp, "models"))), ["model.pt", "stages"])  # no other *.pt
+        # no other *.pt; the model description beside the weights
+        self.assertEqual(sorted(os.listdir(os.path.join(tmp, "models"))), ["model.json", "model.pt", "stages"])
+        description = read_model_description(model_path, required=True)
+        self.assertEqual(
+            {k: description[k] for k in ("preset", "in_channels", "spatial_size", "latent_channels",
+                                         "num_train_timesteps", "train_max_timestep", "trained_iterations")},
+            {"preset": "tiny", "in_channels": 4, "spatial_size": [32, 32], "latent_channels": 4,
+             "num_train_timesteps": 1000, "train_max_timestep": None, "trained_iterations": 60},
+        )
         state = torch.load(model_path, weights_only=True)
         pipeline = AnomalyPipeline(autoencoder_from_preset("tiny", in_channels=4), denoiser_from_preset("tiny"))
         pipeline.load_state_dict(state, strict=True)

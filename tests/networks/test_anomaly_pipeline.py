@@ -106,6 +106,7 @@ class TestAnomalyPipeline(unittest.TestCase):
         self.assertTrue(torch.equal(out[1, 1:], x[1]))
         # the other samples match a run without the empty one
         ref = pipe(x[[0, 2]])
+        self.assertTrue(pipe.run(x[[0, 2]])["mask"].any())  # a non-constant network: the mask is not empty
         self.assertTrue(torch.allclose(out[[0, 2]], ref))
         self.assertEqual(pipe(torch.zeros(2, 2, 16, 16)).abs().max().item(), 0.0)
 
