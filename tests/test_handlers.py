@@ -2,6 +2,8 @@
 # Licensed under the Apache License, Version 2.0 (the "License").
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -96,9 +98,11 @@ class TestRunSummaryHandler(unittest.TestCase):
         self.assertEqual(summary["cases"], [])
 
     def test_exit_mode(self):
-        with self.assertRaises(SystemExit) as ctx:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as ctx:
             run_evaluator(self._evaluator(_Net(fail=True)), on_error="exit")
-        self.assertEqual(str(ctx.exception.code), "error: broken network input")
+        self.assertEqual(ctx.exception.code, 1)
+        self.assertEqual(err.getvalue(), "error: broken network input\n")
 
     def test_bad_on_error(self):
         with self.assertRaisesRegex(ValueError, "on_error must be one of"):

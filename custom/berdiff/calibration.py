@@ -191,10 +191,16 @@ def calibrate(
     parser = ConfigParser()
     parser.read_config(config_file)
     parser.update(_overrides(bundle_root, device, overrides))
+    if "checked_settings" in parser:  # the knobs, with the bundle run's one-line messages
+        from berdiff.validation import check_settings
+
+        check_settings(parser.get_parsed_content("checked_settings"))
     dev = torch.device(parser.get_parsed_content("device"))
     ckpt_path = parser.get_parsed_content("ckpt_path")
     network = parser.get_parsed_content("network_def", instantiate=True).to(dev)
-    if check_checkpoint(ckpt_path, allow_random_weights):
+    preset = parser.get_parsed_content("preset") if "preset" in parser else None
+    in_channels = len(parser.get_parsed_content("modalities")) if "modalities" in parser else None
+    if check_checkpoint(ckpt_path, allow_random_weights, preset, in_channels):
         network.load_state_dict(torch.load(ckpt_path, map_location=dev, weights_only=True))
     else:
         logger.warning(f"{ckpt_path} not found: calibrating RANDOM weights (allow_random_weights).")

@@ -214,13 +214,15 @@ class RunSummaryHandler:
         if self.progress:
             from tqdm.auto import tqdm
 
-            total = None
-            try:
-                total = len(engine.data_loader)
-            except TypeError:
-                pass
-            self._bar = tqdm(total=total, desc="cases", unit="case", dynamic_ncols=True)
+            self._bar = tqdm(total=self._num_cases(engine), desc="cases", unit="case", dynamic_ncols=True)
         atomic_write_json(self.summary, self.path)
+
+    @staticmethod
+    def _num_cases(engine: Any) -> int | None:
+        try:
+            return len(engine.data_loader)
+        except TypeError:
+            return None
 
     def get_batch_started(self, engine: Any) -> None:
         self._t_get = time.perf_counter()
@@ -273,6 +275,13 @@ class RunSummaryHandler:
         if self._bar is not None:
             self._bar.set_postfix(case=name, slices_per_s=case["slices_per_s"])
             self._bar.update(1)
+        else:  # one line per case instead of the bar (logs, the demo)
+            total = self._num_cases(engine)
+            print(
+                f"inference: case {len(self.summary['cases'])}/{total if total is not None else '?'} {name}: "
+                f"{case['wall_time_s']:.1f} s",
+                flush=True,
+            )
 
     def _update_totals(self, now: float) -> None:
         cases = self.summary["cases"]

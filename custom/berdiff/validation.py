@@ -127,6 +127,7 @@ def exit_on_error(error: BaseException) -> NoReturn:
         if cause is error:
             raise error
         raise cause from error
+    sys.stdout.flush()
     print(error_line(error), file=sys.stderr, flush=True)
     raise SystemExit(1) from None
 
