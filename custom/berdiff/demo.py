@@ -137,12 +137,6 @@ def demo(
         bundle: the brain MRI bundle folder (default: the one in this repository checkout).
         overwrite: replace the output of an earlier demo run in ``out`` (any other non-empty folder is refused).
     """
-    from berdiff.data.brats import prepare_brats
-    from berdiff.data.synthetic import make_demo_data
-    from sklearn.model_selection import train_test_split
-
-    from berdiff.evaluation import evaluate
-
     from berdiff.validation import check_float, check_int, check_settings
 
     check_settings(
@@ -160,6 +154,13 @@ def demo(
         check_float(knob, value, 0.0, 1.0)
     if train_max_timestep is not None and train_max_timestep < noise_level:
         raise ValueError(f"train_max_timestep ({train_max_timestep}) must be >= noise_level ({noise_level}).")
+
+    from berdiff.data.brats import prepare_brats
+    from berdiff.data.synthetic import make_demo_data
+    from sklearn.model_selection import train_test_split
+
+    from berdiff.evaluation import evaluate
+
     t_total = time.perf_counter()
     bundle_dir = Path(bundle) if bundle else default_bundle_dir()
     configs = bundle_dir / "configs"

@@ -103,10 +103,25 @@ def _unwrap(error: BaseException) -> BaseException:
     return error
 
 
+def _writer_failure(message: str) -> str | None:
+    """
+    MONAI's ``SaveImage`` replaces a writer's error (e.g. a full disk) by ``RuntimeError("... cannot find a suitable
+    writer for <file> ...")`` holding the original traceback as text: the file and the original error's last line.
+    """
+    head = message.split("\n", 1)[0]
+    if "cannot find a suitable writer for" not in head:
+        return None
+    filename = head.split("cannot find a suitable writer for", 1)[1].strip().rstrip(".")
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    return f"cannot write {filename}: {last}" if last and last != head.strip() else None
+
+
 def error_line(error: BaseException) -> str:
     """``error: <message of the root cause>``: the line printed for ``error`` on the command line."""
     cause = _unwrap(error)
-    message = str(cause)
+    message = _writer_failure(str(cause)) if isinstance(cause, RuntimeError) else None
+    message = message or str(cause)
     if isinstance(cause, (KeyError,)) and message.startswith(("'", '"')):
         message = message[1:-1]
     if not message:
