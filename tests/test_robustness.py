@@ -179,6 +179,21 @@ class TestCommandLine(unittest.TestCase):
             with tempfile.TemporaryDirectory() as tmp:
                 self.assertEqual(_one_line_exit(self, preflight, image=_case(tmp), settings=settings), expected)
 
+    def test_calibrate_bad_knob(self):
+        from berdiff.cli import main
+
+        with tempfile.TemporaryDirectory() as tmp:
+            datalist = os.path.join(tmp, "healthy.json")
+            with open(datalist, "w") as f:
+                json.dump({"validation": [{"image": _case(tmp)}]}, f)
+            out = os.path.join(tmp, "calibration.json")
+            bundle = str(BRATS.parent)
+            line = _one_line_exit(
+                self, main, ["calibrate", "--bundle_root", bundle, "--datalist", datalist, "--out", out, "--noise_level", "5000"]
+            )
+            self.assertEqual(line, "error: noise_level = 5000: an integer in [1, 1000] (T = num_train_timesteps)")
+            self.assertFalse(os.path.exists(out))
+
     def test_berdiff_cli_bad_knob(self):
         proc = subprocess.run(
             [sys.executable, "-m", "berdiff", "demo", "--noise_level", "5000", "--out", "/nonexistent/demo"],

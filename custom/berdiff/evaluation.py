@@ -624,7 +624,9 @@ def _header_shape(path: Path, what: str) -> tuple[int, ...]:
     except Exception as e:  # nibabel raises several types for unreadable files
         raise ValueError(f"cannot read {what} file {path}: {e}") from e
     if len(shape) > 0 and int(np.prod(np.asarray(shape, dtype=np.float64))) > MAX_VOXELS:  # before reading the data
-        raise ValueError(f"{what} file {path}: the header claims {shape} voxels, more than {MAX_VOXELS:,}; refusing to read it.")
+        raise ValueError(
+            f"{what} file {path}: the header claims {shape} voxels, more than {MAX_VOXELS:,}; refusing to read it."
+        )
     return shape
 
 

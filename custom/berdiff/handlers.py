@@ -6,7 +6,7 @@
 # Unless required by applicable law or agreed to in writing, software
 # distributed under the License is distributed on an "AS IS" BASIS,
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-"""Ignite handlers of the inference workflow: run summary with timing and memory, progress bar, error reporting."""
+"""Ignite handlers and run steps of the bundles: run summary, timing and memory, progress, preflight checks, errors."""
 
 from __future__ import annotations
 
@@ -149,7 +149,8 @@ class RunSummaryHandler:
         output_postfixes: postfixes of the files written per case (``<case>_<postfix><output_ext>``), listed under
             ``outputs``.
         output_ext: extension of the output files.
-        progress: show a tqdm progress bar over cases.
+        progress: show a tqdm progress bar over cases (otherwise one printed line per case: ``inference: case
+            i/n ...``).
     """
 
     def __init__(
@@ -484,9 +485,9 @@ def preflight(
     """
     Checks the settings (:func:`berdiff.validation.check_settings`), the inputs
     (:func:`berdiff.io.inference_datalist`; no two cases with the same output names), the calibration file and the
-    model weights (present, and a state dict of the configured preset) before the workflow builds its components, so that a bad knob, input
-    folder or datalist gives one clear error line instead of a configuration stack trace. Arguments as in
-    ``configs/inference.yaml``.
+    model weights (present, and a state dict of the configured preset) before the workflow builds its components, so
+    that a bad knob, input folder or datalist gives one clear error line instead of a configuration stack trace.
+    Arguments as in ``configs/inference.yaml``; ``settings``: knob name -> value (the config's ``checked_settings``).
 
     Returns:
         the number of cases.

@@ -325,7 +325,8 @@ def load_state_dict(path: os.PathLike | str, key: str | None = None, mmap: bool 
     ):
         raise ValueError(
             f"checkpoint {path} is not a state dict (a mapping of parameter names to tensors), "
-            f"got {type(state).__name__}" + (f" with keys {sorted(map(str, state))[:5]}" if isinstance(state, dict) else "")
+            f"got {type(state).__name__}"
+            + (f" with keys {sorted(map(str, state))[:5]}" if isinstance(state, dict) else "")
             + "."
         )
     return state
@@ -353,7 +354,10 @@ def _describe_mismatch(state: dict[str, torch.Tensor], expected: dict[str, tuple
         if k in state and tuple(state[k].shape) != shape:
             return f"{k} has shape {tuple(state[k].shape)} in the checkpoint, {shape} in the network"
     if missing or unexpected:
-        return f"{len(missing)} parameter(s) missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        return (
+            f"{len(missing)} parameter(s) missing (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
     return None
 
 
@@ -419,11 +423,15 @@ def check_checkpoint(
         return True
     for other in Preset:
         for channels in dict.fromkeys((in_channels, 1, 4)):
-            if (other, channels) != (preset, in_channels) and _describe_mismatch(state, _pipeline_shapes(other, channels)) is None:
+            if (other, channels) == (preset, in_channels):
+                continue
+            if _describe_mismatch(state, _pipeline_shapes(other, channels)) is None:
                 raise ValueError(
                     f"checkpoint {path} holds a {other.value!r} network with {channels} image channel(s), but the "
                     f"configuration builds a {preset!r} network with {in_channels} image channel(s): set "
                     f"--preset {other.value}" + (" and the matching channels" if channels != in_channels else "")
                     + " or use weights trained with this configuration."
                 )
-    raise ValueError(f"checkpoint {path} does not fit the {preset!r} network with {in_channels} image channel(s): {problem}.")
+    raise ValueError(
+        f"checkpoint {path} does not fit the {preset!r} network with {in_channels} image channel(s): {problem}."
+    )

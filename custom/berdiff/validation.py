@@ -433,7 +433,8 @@ def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """
     unknown = sorted(set(settings) - set(SETTING_CHECKS) - set(_RELATED))
     if unknown:
-        raise ValueError(f"check_settings: unknown settings {unknown}; known: {sorted(SETTING_CHECKS) + list(_RELATED)}")
+        known = sorted(SETTING_CHECKS) + list(_RELATED)
+        raise ValueError(f"check_settings: unknown settings {unknown}; known: {known}")
     out = dict(settings)
     for name, value in settings.items():
         if name in SETTING_CHECKS:
