@@ -312,7 +312,12 @@ def load_state_dict(path: os.PathLike | str, key: str | None = None, mmap: bool 
     """
     path = os.fspath(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) files cannot be mapped
     except Exception as e:  # pickle, zip and unpickler errors of many types
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"cannot read checkpoint {path} as PyTorch weights: {reason}") from e
