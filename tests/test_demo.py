@@ -2,8 +2,11 @@
 # Licensed under the Apache License, Version 2.0 (the "License").
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import tempfile
 import unittest
 
@@ -14,11 +17,21 @@ class TestDemo(unittest.TestCase):
     def test_miniature_demo_writes_every_output(self):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "demo")
-            summary = demo(
-                out=out, num_subjects=4, val_fraction=0.5, spacing=4.0, preset="tiny", spatial_size=64,
-                slice_start=10, slice_stop=30, ae_epochs=1, ae_batch_size=16, diffusion_epochs=1,
-                noise_level=4, num_inference_steps=2, sw_batch_size=32,
-            )
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                summary = demo(
+                    out=out, num_subjects=4, val_fraction=0.5, spacing=4.0, preset="tiny", spatial_size=64,
+                    slice_start=10, slice_stop=30, ae_epochs=1, ae_batch_size=16, diffusion_epochs=1,
+                    noise_level=4, num_inference_steps=2, sw_batch_size=32,
+                )
+            # visible progress: every step with its time, the training epochs and the inference cases as they come
+            lines = printed.getvalue().splitlines()
+            for i in range(1, 7):
+                self.assertTrue(any(line.startswith(f"step {i}/6: ") for line in lines), i)
+                self.assertTrue(any(re.match(rf"step {i}/6 done in [\d.]+ s$", line) for line in lines), i)
+            for stage in ("train_autoencoder", "train_diffusion"):
+                self.assertTrue(any(re.match(rf"    {stage}: epoch 1/1, loss [\d.]+, elapsed", line) for line in lines), stage)
+            self.assertTrue(any(line.startswith("    inference: case 1/") for line in lines), lines)
             for name in ("metrics.json", "per_case.csv", "overview.png", "demo_summary.json", "test_datalist.json"):
                 self.assertTrue(os.path.isfile(os.path.join(out, name)), name)
             cases = [c.replace("_seg.nii.gz", "") for c in summary["test_cases"]]

@@ -2,6 +2,8 @@
 # Licensed under the Apache License, Version 2.0 (the "License").
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -96,18 +98,22 @@ class TestRunSummaryHandler(unittest.TestCase):
         self.assertEqual(summary["cases"], [])
 
     def test_exit_mode(self):
-        with self.assertRaises(SystemExit) as ctx:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as ctx:
             run_evaluator(self._evaluator(_Net(fail=True)), on_error="exit")
-        self.assertEqual(str(ctx.exception.code), "error: broken network input")
+        self.assertEqual(ctx.exception.code, 1)
+        self.assertTrue(err.getvalue().endswith("\nerror: broken network input\n"), err.getvalue())  # after the bar
 
     def test_bad_on_error(self):
         with self.assertRaisesRegex(ValueError, "on_error must be one of"):
             run_evaluator(self._evaluator(_Net()), on_error="ignore")
 
     def test_missing_checkpoint(self):
-        with self.assertRaises(SystemExit) as ctx:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as ctx:
             run_evaluator(self._evaluator(_Net()), ckpt_path=os.path.join(self.tmp, "none.pt"))
-        self.assertIn("model weights not found", str(ctx.exception.code))
+        self.assertEqual(ctx.exception.code, 1)
+        self.assertIn("error: model weights not found", err.getvalue())
         self.assertFalse(os.path.exists(os.path.join(self.tmp, "run_summary.json")))
 
 
@@ -116,9 +122,11 @@ class TestPreflight(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             with self.assertRaisesRegex(ValueError, "no input given"):
                 preflight(on_error="raise")
-            with self.assertRaises(SystemExit) as ctx:
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as ctx:
                 preflight(datalist=os.path.join(tmp, "missing.json"))
-            self.assertEqual(str(ctx.exception.code), f"error: datalist file not found: {tmp}/missing.json")
+            self.assertEqual(ctx.exception.code, 1)
+            self.assertEqual(err.getvalue(), f"error: datalist file not found: {tmp}/missing.json\n")
             with self.assertRaisesRegex(FileNotFoundError, "model weights not found"):
                 preflight(image="a.nii.gz", ckpt_path=os.path.join(tmp, "m.pt"), on_error="raise")
             n = preflight(image="a.nii.gz", ckpt_path=os.path.join(tmp, "m.pt"), allow_random_weights=True)

@@ -284,15 +284,23 @@ def _cached(
     path: Path, network: nn.Module, train: Callable[[], dict[str, Any]], settings: dict[str, Any]
 ) -> dict[str, Any]:
     if path.is_file():
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        network.load_state_dict(ckpt["state_dict"])
-        network.eval()
-        _log(f"reusing checkpoint {path.name}")
-        return {**ckpt["info"], "cached": True}
+        try:  # tensors and strings only (info and settings as JSON), so weights_only=True reads it
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            info = json.loads(ckpt["info"])
+        except Exception as e:  # a cache written by an older version (pickled dicts): train again
+            _log(f"ignoring unreadable checkpoint cache {path.name} ({type(e).__name__})")
+        else:
+            network.load_state_dict(ckpt["state_dict"])
+            network.eval()
+            _log(f"reusing checkpoint {path.name}")
+            return {**info, "cached": True}
     info = train()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"state_dict": network.state_dict(), "info": info, "settings": settings}, tmp)
+    torch.save(
+        {"state_dict": network.state_dict(), "info": json.dumps(info), "settings": json.dumps(settings, default=str)},
+        tmp,
+    )
     os.replace(tmp, path)
     return {**info, "cached": False}
 

@@ -15,7 +15,6 @@ false-positive rate; ``configs/inference.yaml`` reads it with ``--threshold_file
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -192,6 +191,10 @@ def calibrate(
     parser = ConfigParser()
     parser.read_config(config_file)
     parser.update(_overrides(bundle_root, device, overrides))
+    if "checked_settings" in parser:  # the knobs, with the bundle run's one-line messages
+        from berdiff.validation import check_settings
+
+        check_settings(parser.get_parsed_content("checked_settings"))
     dev = torch.device(parser.get_parsed_content("device"))
     ckpt_path = parser.get_parsed_content("ckpt_path")
     try:  # models/model.json when present, else the config's values; raise its clear error, not monai's wrapper
@@ -199,7 +202,7 @@ def calibrate(
     except RuntimeError as e:
         raise (e.__cause__ if isinstance(e.__cause__, ValueError) else e) from None
     network = parser.get_parsed_content("network_def", instantiate=True).to(dev)
-    if check_checkpoint(ckpt_path, allow_random_weights):
+    if check_checkpoint(ckpt_path, allow_random_weights, model["preset"], model["in_channels"]):
         load_pipeline_weights(network, ckpt_path, dev, model["preset"], model["in_channels"])
     else:
         logger.warning(f"{ckpt_path} not found: calibrating RANDOM weights (allow_random_weights).")

@@ -5,14 +5,12 @@
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["COMMANDS", "USER_ERRORS", "main"]
+from berdiff.validation import USER_ERRORS, exit_on_error
 
-#: exceptions that mean "bad input or settings": printed as one line instead of a stack trace
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+__all__ = ["COMMANDS", "USER_ERRORS", "main"]
 
 #: command name -> "module:function"
 COMMANDS: dict[str, str] = {
@@ -38,8 +36,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Dispatch ``argv`` (default ``sys.argv[1:]``) to the named command through ``fire``."""
     import fire
 
-    from berdiff.transforms import root_cause
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
@@ -52,7 +48,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         fire.Fire({argv[0]: func}, command=argv, name="python -m berdiff")
     except USER_ERRORS as e:  # bad input: one clear line, no stack trace (BERDIFF_DEBUG=1 shows it)
-        if os.environ.get("BERDIFF_DEBUG"):
-            raise
-        print(f"error: {root_cause(e)}", file=sys.stderr)
-        raise SystemExit(1) from None
+        exit_on_error(e)

@@ -34,16 +34,43 @@ def default_bundle_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "bundles" / BUNDLE_NAME
 
 
-def _run(cmd: list[str], log: Path, env: dict[str, str]) -> float:
-    """Run ``cmd``, teeing nothing to the console but its last lines on failure; return the wall time."""
+def _run(cmd: list[str], log: Path, env: dict[str, str], echo: tuple[str, ...] = ()) -> float:
+    """
+    Run ``cmd`` with its output written to ``log``; the lines starting with one of ``echo`` (the training progress
+    lines of :class:`berdiff.handlers.TrainingProgress`, the per-case lines of inference) are also printed as they
+    come, the last lines of the log on failure. Returns the wall time.
+    """
     print("  $ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     start = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            f.write(line)
+            if echo and line.startswith(echo):
+                print("    " + line.rstrip(), flush=True)
+        returncode = proc.wait()
+    if returncode != 0:
         tail = "".join(open(log).readlines()[-25:])
-        raise RuntimeError(f"step failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+        raise RuntimeError(f"step failed (exit {returncode}); last lines of {log}:\n{tail}")
     return time.perf_counter() - start
+
+
+class _Steps:
+    """Prints ``step i/n: <what>`` when a step starts and ``step i/n done in <time>`` when it ends."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.index, self._t = total, 0, 0.0
+
+    def start(self, what: str) -> None:
+        self.index += 1
+        self._t = time.perf_counter()
+        print(f"step {self.index}/{self.total}: {what}", flush=True)
+
+    def done(self) -> float:
+        elapsed = time.perf_counter() - self._t
+        print(f"step {self.index}/{self.total} done in {elapsed:.1f} s", flush=True)
+        return elapsed
 
 
 def _fmt(x: Any) -> str:
@@ -110,14 +137,30 @@ def demo(
         bundle: the brain MRI bundle folder (default: the one in this repository checkout).
         overwrite: replace the output of an earlier demo run in ``out`` (any other non-empty folder is refused).
     """
+    from berdiff.validation import check_float, check_int, check_settings
+
+    check_settings(
+        {"preset": preset, "spatial_size": spatial_size, "noise_level": noise_level, "prob_threshold": prob_threshold,
+         "num_inference_steps": num_inference_steps, "train_max_timestep": train_max_timestep, "seed": seed,
+         "sw_batch_size": sw_batch_size, "ema_momentum": ema_momentum}
+    )
+    for knob, value in (("num_subjects", num_subjects), ("ae_epochs", ae_epochs), ("ae_batch_size", ae_batch_size),
+                        ("diffusion_epochs", diffusion_epochs), ("diffusion_batch_size", diffusion_batch_size)):
+        check_int(knob, value, 1)
+    for knob, value in (("ae_learning_rate", ae_learning_rate), ("diffusion_learning_rate", diffusion_learning_rate),
+                        ("spacing", spacing)):
+        check_float(knob, value, 0.0, low_open=True)
+    for knob, value in (("tumour_fraction", tumour_fraction), ("val_fraction", val_fraction)):
+        check_float(knob, value, 0.0, 1.0)
+    if train_max_timestep is not None and train_max_timestep < noise_level:
+        raise ValueError(f"train_max_timestep ({train_max_timestep}) must be >= noise_level ({noise_level}).")
+
     from berdiff.data.brats import prepare_brats
     from berdiff.data.synthetic import make_demo_data
     from sklearn.model_selection import train_test_split
 
     from berdiff.evaluation import evaluate
 
-    if train_max_timestep is not None and train_max_timestep < noise_level:
-        raise ValueError(f"train_max_timestep ({train_max_timestep}) must be >= noise_level ({noise_level}).")
     t_total = time.perf_counter()
     bundle_dir = Path(bundle) if bundle else default_bundle_dir()
     configs = bundle_dir / "configs"
@@ -143,12 +186,12 @@ def demo(
     timings: dict[str, float] = {}
     bundle_cmd = [sys.executable, "-m", "monai.bundle", "run"]
 
-    print(f"[1/6] generating {num_subjects} synthetic subjects -> {data_dir}", flush=True)
-    t = time.perf_counter()
+    steps = _Steps(6)
+    steps.start(f"generating {num_subjects} synthetic subjects -> {data_dir}")
     make_demo_data(
         str(data_dir), num_subjects=num_subjects, tumour_fraction=tumour_fraction, seed=seed, spacing=spacing
     )
-    timings["make_demo_data"] = time.perf_counter() - t
+    timings["make_demo_data"] = steps.done()
 
     # held-out subjects: a seeded split stratified by tumour, so that the test set has subjects with tumours
     with open(data_dir / "manifest.json") as f:
@@ -158,8 +201,7 @@ def demo(
     n_val = min(max(2, round(val_fraction * len(cases))), len(cases) - 2)
     _, val_subjects = train_test_split(cases, test_size=n_val, random_state=seed, stratify=has_tumour)
 
-    print(f"[2/6] preparing slices -> {prep_dir}", flush=True)
-    t = time.perf_counter()
+    steps.start(f"preparing slices -> {prep_dir}")
     prepare_brats(
         str(data_dir),
         str(prep_dir),
@@ -169,7 +211,7 @@ def demo(
         slice_start=slice_start,
         slice_stop=slice_stop,
     )
-    timings["prepare_brats"] = time.perf_counter() - t
+    timings["prepare_brats"] = steps.done()
 
     common = [
         "--bundle_root", str(model_dir),
@@ -180,8 +222,8 @@ def demo(
         "--seed", str(seed),
         "--ema_momentum", str(ema_momentum),
     ]
-    print("[3/6] stage 1: binarizing autoencoder", flush=True)
-    timings["train_autoencoder"] = _run(
+    steps.start("stage 1: binarizing autoencoder (one line per epoch)")
+    _run(
         bundle_cmd
         + ["training", "--config_file", str(configs / "train_autoencoder.yaml")]
         + common
@@ -189,9 +231,11 @@ def demo(
            "--learning_rate", str(ae_learning_rate), "--output_dir", str(logs_dir / "train_autoencoder")],
         logs_dir / "train_autoencoder.log",
         env,
+        echo=("train_autoencoder:",),
     )
-    print("[4/6] stage 2: Bernoulli diffusion denoiser", flush=True)
-    timings["train_diffusion"] = _run(
+    timings["train_autoencoder"] = steps.done()
+    steps.start("stage 2: Bernoulli diffusion denoiser (one line per epoch)")
+    _run(
         bundle_cmd
         + ["training", "--config_file", str(configs / "train_diffusion.yaml")]
         + common
@@ -200,7 +244,9 @@ def demo(
            "--train_max_timestep", "None" if train_max_timestep is None else str(train_max_timestep)],
         logs_dir / "train_diffusion.log",
         env,
+        echo=("train_diffusion:",),
     )
+    timings["train_diffusion"] = steps.done()
 
     # the held-out subjects with tumours are the test cases
     with open(prep_dir / "datalist.json") as f:
@@ -213,8 +259,8 @@ def demo(
     with open(test_list, "w") as f:
         json.dump({"testing": [{"image": v["image"], "label": v["label"]} for v in test_volumes]}, f, indent=2)
 
-    print(f"[5/6] inference on {len(test_volumes)} held-out subjects with tumours -> {maps_dir}", flush=True)
-    timings["inference"] = _run(
+    steps.start(f"inference on {len(test_volumes)} held-out subjects with tumours -> {maps_dir}")
+    _run(
         bundle_cmd
         + ["inference", "--config_file", str(configs / "inference.yaml"),
            "--bundle_root", str(model_dir), "--datalist", str(test_list), "--output_dir", str(maps_dir),
@@ -224,15 +270,16 @@ def demo(
            "--save_reconstruction", "True", "--progress", "False", "--seed", str(seed)],
         logs_dir / "inference.log",
         env,
+        echo=("inference:",),
     )
+    timings["inference"] = steps.done()
 
-    print("[6/6] evaluation", flush=True)
-    t = time.perf_counter()
+    steps.start("evaluation")
     metrics = evaluate(str(maps_dir), str(test_list), out=str(out_dir), image=str(data_dir), quiet=True)
     figure = out_dir / "figure.png"
     if figure.is_file():
         os.replace(figure, out_dir / "overview.png")
-    timings["evaluate"] = time.perf_counter() - t
+    timings["evaluate"] = steps.done()
     timings["total"] = time.perf_counter() - t_total
 
     summary = {

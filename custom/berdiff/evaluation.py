@@ -49,6 +49,7 @@ from berdiff.metrics import (
     psnr,
     slice_statistics,
 )
+from berdiff.transforms import MAX_VOXELS
 
 __all__ = ["MAP_KEYS", "EvaluationResult", "evaluate", "evaluate_arrays", "find_cases", "load_threshold"]
 
@@ -618,9 +619,15 @@ def _header_shape(path: Path, what: str) -> tuple[int, ...]:
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
     try:
-        return tuple(int(s) for s in nib.load(str(path)).shape)
+        img = nib.load(str(path))
+        shape = tuple(int(s) for s in img.shape)
     except Exception as e:  # nibabel raises several types for unreadable files
         raise ValueError(f"cannot read {what} file {path}: {e}") from e
+    if len(shape) > 0 and int(np.prod(np.asarray(shape, dtype=np.float64))) > MAX_VOXELS:  # before reading the data
+        raise ValueError(
+            f"{what} file {path}: the header claims {shape} voxels, more than {MAX_VOXELS:,}; refusing to read it."
+        )
+    return shape
 
 
 def _spatial(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -748,12 +755,26 @@ def _load(path: Path, what: str) -> np.ndarray:
     return data
 
 
+def _check_label_values(label: np.ndarray, path: Any) -> None:
+    """A segmentation holds non-negative integer labels (0 background; any positive value is anomalous)."""
+    values = np.unique(label)
+    bad = values[(values < 0) | (values != np.round(values))]
+    if bad.size:
+        shown = ", ".join(f"{v:g}" for v in bad[:5]) + (", ..." if bad.size > 5 else "")
+        raise ValueError(
+            f"label file {path} holds values that are not segmentation labels: {shown} (expected non-negative "
+            "integers: 0 for background, positive labels such as BraTS 1, 2, 4 for the anomaly); a probability "
+            "map or an intensity image was given as the label?"
+        )
+
+
 def _load_case(entry: Mapping[str, Any]) -> dict[str, Any]:
     case: dict[str, Any] = {
         "name": entry["name"],
         "score": _squeeze_to_3d(_load(entry["score"], "anomaly map"), f"anomaly map {entry['score']}"),
         "label": _squeeze_to_3d(_load(entry["label"], "label"), f"label {entry['label']}"),
     }
+    _check_label_values(case["label"], entry["label"])
     if "latent_flip" in entry:
         case["latent_flip"] = _load(entry["latent_flip"], "latent flip map")
     if "recon" in entry:
@@ -848,8 +869,11 @@ def evaluate(
     )
     if not entries:
         raise FileNotFoundError(f"no anomaly map under {pred} could be matched with a label under {label}.")
+    from tqdm.auto import tqdm
+
+    progress = tqdm(entries, desc="evaluate", unit="case", disable=quiet, dynamic_ncols=True, mininterval=1.0)
     result, scored = _evaluate(
-        (_load_case(e) for e in entries),
+        (_load_case(e) for e in progress),
         threshold=threshold,
         threshold_source=source,
         brain_mask=brain_mask,

@@ -6,7 +6,7 @@
 # Unless required by applicable law or agreed to in writing, software
 # distributed under the License is distributed on an "AS IS" BASIS,
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-"""Ignite handlers of the inference workflow: run summary with timing and memory, progress bar, error reporting."""
+"""Ignite handlers and run steps of the bundles: run summary, timing and memory, progress, preflight checks, errors."""
 
 from __future__ import annotations
 
@@ -25,15 +25,26 @@ import monai
 import torch
 from monai.utils import StrEnum
 
-from berdiff.io import atomic_write_json, case_name, check_checkpoint, inference_datalist
+from berdiff.io import (
+    MissingData,
+    atomic_write_json,
+    case_name,
+    check_checkpoint,
+    check_unique_outputs,
+    inference_datalist,
+)
 from berdiff.transforms import root_cause
+from berdiff.validation import check_settings, exit_on_error
 
 __all__ = [
     "OnError",
     "RunSummaryHandler",
+    "TrainingProgress",
+    "format_duration",
     "peak_memory_mb",
     "inference_mode",
     "preflight",
+    "training_preflight",
     "run_evaluator",
     "RUN_SUMMARY_FIELDS",
     "CASE_FIELDS",
@@ -138,7 +149,8 @@ class RunSummaryHandler:
         output_postfixes: postfixes of the files written per case (``<case>_<postfix><output_ext>``), listed under
             ``outputs``.
         output_ext: extension of the output files.
-        progress: show a tqdm progress bar over cases.
+        progress: show a tqdm progress bar over cases (otherwise one printed line per case: ``inference: case
+            i/n ...``).
     """
 
     def __init__(
@@ -203,13 +215,15 @@ class RunSummaryHandler:
         if self.progress:
             from tqdm.auto import tqdm
 
-            total = None
-            try:
-                total = len(engine.data_loader)
-            except TypeError:
-                pass
-            self._bar = tqdm(total=total, desc="cases", unit="case", dynamic_ncols=True)
+            self._bar = tqdm(total=self._num_cases(engine), desc="cases", unit="case", dynamic_ncols=True)
         atomic_write_json(self.summary, self.path)
+
+    @staticmethod
+    def _num_cases(engine: Any) -> int | None:
+        try:
+            return len(engine.data_loader)
+        except TypeError:
+            return None
 
     def get_batch_started(self, engine: Any) -> None:
         self._t_get = time.perf_counter()
@@ -262,6 +276,13 @@ class RunSummaryHandler:
         if self._bar is not None:
             self._bar.set_postfix(case=name, slices_per_s=case["slices_per_s"])
             self._bar.update(1)
+        else:  # one line per case instead of the bar (logs, the demo)
+            total = self._num_cases(engine)
+            print(
+                f"inference: case {len(self.summary['cases'])}/{total if total is not None else '?'} {name}: "
+                f"{case['wall_time_s']:.1f} s",
+                flush=True,
+            )
 
     def _update_totals(self, now: float) -> None:
         cases = self.summary["cases"]
@@ -302,6 +323,118 @@ class RunSummaryHandler:
         raise cause
 
 
+def format_duration(seconds: float | None) -> str:
+    """``h:mm:ss`` (``m:ss`` under an hour); ``?`` when unknown."""
+    if seconds is None or not seconds == seconds or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _loss_values(output: Any) -> dict[str, float]:
+    """The loss(es) of a trainer iteration output (``decollate`` off: a dict; on: a list of dicts)."""
+    from berdiff.training import training_loss_output
+
+    if isinstance(output, (list, tuple)) and output and isinstance(output[0], Mapping):
+        output = output[0]
+    if not isinstance(output, Mapping):
+        return {}
+    try:
+        value = training_loss_output(output)
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return dict(value) if isinstance(value, Mapping) else {"loss": float(value)}
+
+
+class TrainingProgress:
+    """
+    Training progress in the terminal (stdout, flushed): one line per epoch with the epoch's mean loss, the elapsed
+    time and the estimated time left, and within long epochs one line at least every ``interval_s`` seconds, so that a
+    slow run can be told from a hung one. The estimate extrapolates the iterations done in this run (a resumed run
+    counts from where it resumed). Attach it as a trainer handler (``train_handlers``) on the main process only.
+
+    Args:
+        name: the run's name at the start of every line (e.g. ``train_autoencoder``).
+        interval_s: longest silence within an epoch, in seconds (one line after the iteration that exceeds it).
+        stream: where the lines go (default ``sys.stdout`` at the time of printing).
+        enabled: False prints nothing (e.g. ranks other than 0).
+    """
+
+    def __init__(
+        self, name: str = "training", interval_s: float = 20.0, stream: Any = None, enabled: bool = True
+    ) -> None:
+        if not interval_s > 0:
+            raise ValueError(f"interval_s must be > 0, got {interval_s}.")
+        self.name = name
+        self.interval_s = float(interval_s)
+        self.stream = stream
+        self.enabled = enabled
+        self._t0 = self._t_line = 0.0
+        self._start_iteration = 0
+        self._sums: dict[str, float] = {}
+        self._count = 0
+
+    def attach(self, engine: Any) -> None:
+        """Registers the event handlers on an ignite engine."""
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def _print(self, text: str) -> None:
+        if self.enabled:
+            print(f"{self.name}: {text}", file=self.stream or sys.stdout, flush=True)
+        self._t_line = time.perf_counter()
+
+    def _timing(self, engine: Any) -> str:
+        state = engine.state
+        elapsed = time.perf_counter() - self._t0
+        done = state.iteration - self._start_iteration
+        total = (state.max_epochs or 0) * (state.epoch_length or 0)
+        eta = elapsed / done * max(total - state.iteration, 0) if done > 0 and total else None
+        return f"elapsed {format_duration(elapsed)}, eta {format_duration(eta)}"
+
+    def _losses(self) -> str:
+        if not self._count:
+            return ""
+        return ", ".join(f"{k} {v / self._count:.4f}" for k, v in self._sums.items()) + ", "
+
+    def started(self, engine: Any) -> None:
+        self._t0 = time.perf_counter()
+        self._start_iteration = engine.state.iteration
+        state = engine.state
+        self._print(
+            f"starting at epoch {state.epoch + 1}/{state.max_epochs} ({state.epoch_length} iterations per epoch)"
+        )
+
+    def epoch_started(self, engine: Any) -> None:
+        self._sums, self._count = {}, 0
+
+    def iteration_completed(self, engine: Any) -> None:
+        for k, v in _loss_values(engine.state.output).items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self._count += 1
+        if time.perf_counter() - self._t_line >= self.interval_s:
+            state = engine.state
+            within = (state.iteration - 1) % state.epoch_length + 1 if state.epoch_length else state.iteration
+            self._print(
+                f"epoch {state.epoch}/{state.max_epochs}, iteration {within}/{state.epoch_length}, "
+                f"{self._losses()}{self._timing(engine)}"
+            )
+
+    def epoch_completed(self, engine: Any) -> None:
+        state = engine.state
+        self._print(f"epoch {state.epoch}/{state.max_epochs}, {self._losses()}{self._timing(engine)}")
+
+    def completed(self, engine: Any) -> None:
+        self._print(f"done in {format_duration(time.perf_counter() - self._t0)}")
+
+
 @contextmanager
 def inference_mode(*nets: torch.nn.Module) -> Generator[list, None, None]:
     """
@@ -321,11 +454,12 @@ def inference_mode(*nets: torch.nn.Module) -> Generator[list, None, None]:
 
 
 def _fail(error: BaseException, on_error: str) -> None:
-    """Reports ``error``'s root cause: ``exit`` without a stack trace, or ``raise``."""
+    """Reports ``error``'s root cause: ``exit`` without a stack trace (:func:`berdiff.validation.exit_on_error`), or
+    ``raise``."""
     cause = root_cause(error)
     if on_error == OnError.EXIT:
-        logger.error(f"inference failed: {type(cause).__name__}: {cause}")
-        raise SystemExit(f"error: {cause}") from None
+        logger.debug(f"run failed: {type(cause).__name__}: {cause}")
+        exit_on_error(error)
     if cause is error:
         raise error
     raise cause from None
@@ -345,23 +479,71 @@ def preflight(
     ckpt_path: str | None = None,
     allow_random_weights: bool = False,
     on_error: str = OnError.EXIT,
+    settings: Mapping[str, Any] | None = None,
+    threshold_file: str | None = None,
 ) -> int:
     """
-    Checks the inputs (:func:`berdiff.io.inference_datalist`) and the model weights before the workflow builds its
-    components, so that a bad input folder or datalist gives one clear error line instead of a configuration stack
-    trace. Arguments as in ``configs/inference.yaml``.
+    Checks the settings (:func:`berdiff.validation.check_settings`), the inputs
+    (:func:`berdiff.io.inference_datalist`; no two cases with the same output names), the calibration file and the
+    model weights (present, and a state dict of the configured preset) before the workflow builds its components, so
+    that a bad knob, input folder or datalist gives one clear error line instead of a configuration stack trace.
+    Arguments as in ``configs/inference.yaml``; ``settings``: knob name -> value (the config's ``checked_settings``).
 
     Returns:
         the number of cases.
     """
     _check_on_error(on_error)
     try:
+        settings = check_settings(settings or {})
         cases = inference_datalist(image, datalist, dataset_dir, modalities, datalist_key)
+        check_unique_outputs(cases)
+        if threshold_file:
+            from berdiff.calibration import load_threshold
+
+            load_threshold(threshold_file)
         if ckpt_path is not None:
-            check_checkpoint(ckpt_path, allow_random_weights)
+            check_checkpoint(ckpt_path, allow_random_weights, settings.get("preset"), len(modalities))
     except Exception as e:
         _fail(e, on_error)
     return len(cases)
+
+
+def training_preflight(
+    settings: Mapping[str, Any] | None = None,
+    datalist: Sequence[Any] | None = None,
+    weights: str | Sequence[str] | None = None,
+    on_error: str = OnError.EXIT,
+) -> int:
+    """
+    The first step of a training config's ``run``: checks the settings (:func:`berdiff.validation.check_settings`),
+    that the training data are there (a :class:`berdiff.io.MissingData` list reports its error) and not empty,
+    and that the weights of the earlier stage exist, before anything is built or written.
+
+    Args:
+        settings: knob name -> value.
+        datalist: the training datalist (``@train#datalist``).
+        weights: the earlier stage's checkpoint (or candidate files, the first existing one is used); None: none.
+        on_error: an :class:`OnError`.
+
+    Returns:
+        the number of training items.
+    """
+    _check_on_error(on_error)
+    try:
+        check_settings(settings or {})
+        if isinstance(datalist, MissingData):
+            raise datalist.error
+        if datalist is not None and len(datalist) == 0:
+            raise ValueError("the training datalist holds no items: nothing to train on.")
+        if weights is not None:
+            candidates = [weights] if isinstance(weights, (str, os.PathLike)) else list(weights)
+            if not any(os.path.isfile(p) for p in candidates):
+                raise FileNotFoundError(
+                    f"checkpoint not found: {', '.join(map(str, candidates))} (train the earlier stage first)."
+                )
+    except Exception as e:
+        _fail(e, on_error)
+    return len(datalist or [])
 
 
 def run_evaluator(

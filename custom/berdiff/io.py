@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from monai.data import NibabelWriter
 from monai.utils import ImageMetaKey
 
@@ -32,7 +33,11 @@ __all__ = [
     "case_name",
     "case_name_formatter",
     "load_datalist",
+    "MissingData",
     "inference_datalist",
+    "check_unique_outputs",
+    "load_state_dict",
+    "check_state_dict",
     "check_checkpoint",
 ]
 
@@ -204,12 +209,28 @@ def load_datalist(path: os.PathLike | str, key: str | None = None) -> list[dict]
     return items
 
 
+class MissingData(list):
+    """
+    The empty datalist that stands for input data that are not there: the configuration still builds (tools that
+    load a bundle without running it: ``check_properties``, MONAI Label), and the run reports ``error`` when it
+    starts (:func:`berdiff.handlers.preflight`, :func:`berdiff.handlers.training_preflight`).
+
+    Args:
+        error: the error the run reports.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+
 def inference_datalist(
     image: str | Sequence[str] | None = None,
     datalist: os.PathLike | str | None = None,
     dataset_dir: os.PathLike | str | None = None,
     modalities: Sequence[str] = BRATS_MODALITIES,
     datalist_key: str | None = None,
+    defer_errors: bool = False,
 ) -> list[dict]:
     """
     The list of cases to run, from the first input that is set: a single case ``image`` (one 4-channel NIfTI or one
@@ -223,10 +244,17 @@ def inference_datalist(
         dataset_dir: a BraTS-layout folder.
         modalities: modality suffixes in channel order (BraTS folder and case names).
         datalist_key: see :func:`load_datalist`.
+        defer_errors: return an empty :class:`MissingData` holding the error instead of raising it (the config's
+            data list, built when the config is parsed; the run's preflight reports the error).
 
     Raises:
         ValueError: no input is set, or the input holds no case.
     """
+    if defer_errors:
+        try:
+            return inference_datalist(image, datalist, dataset_dir, modalities, datalist_key)
+        except (ValueError, OSError) as e:
+            return MissingData(e)
     if image:
         items = [{"image": [os.fspath(p) for p in image] if isinstance(image, (list, tuple)) else os.fspath(image)}]
     elif datalist:
@@ -245,25 +273,170 @@ def inference_datalist(
     return items
 
 
-def check_checkpoint(path: os.PathLike | str, allow_random_weights: bool = False) -> bool:
+def check_unique_outputs(items: Sequence[dict], output_dir: os.PathLike | str | None = None) -> None:
     """
-    Checks that the model weights exist, so inference never runs silently with random weights.
+    Checks that no two cases of a datalist map to the same output names (``<case>_anomaly.nii.gz``, ...): two
+    inputs named alike in different folders would otherwise overwrite each other's maps.
+
+    Args:
+        items: datalist items with a ``case`` entry (:func:`inference_datalist`) or an ``image`` entry.
+        output_dir: the output folder, named in the message.
+
+    Raises:
+        ValueError: naming the output and both inputs.
+    """
+    seen: dict[str, Any] = {}
+    for item in items:
+        name = item.get("case") or case_name(item["image"])
+        key = name if os.path.normcase("A") == "A" else name.lower()  # case-insensitive file systems
+        if key in seen:
+            where = f" in {output_dir}" if output_dir else ""
+            raise ValueError(
+                f"two inputs map to the same output {name}_anomaly.nii.gz{where}: {seen[key]!s} and {item['image']!s}; "
+                "rename one of them or run them separately."
+            )
+        seen[key] = item["image"]
+
+
+def load_state_dict(path: os.PathLike | str, key: str | None = None, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """
+    Reads a flat state dict with ``torch.load(weights_only=True)`` (no arbitrary code is run).
+
+    Args:
+        path: the checkpoint file.
+        key: optional entry of a nested checkpoint (``{"model": state_dict, ...}``).
+        mmap: map the file instead of reading it (cheap checks of large files).
+
+    Raises:
+        ValueError: the file is not a readable PyTorch file, or it does not hold a mapping of names to tensors.
+    """
+    path = os.fspath(path)
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) files cannot be mapped
+    except Exception as e:  # pickle, zip and unpickler errors of many types
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot read checkpoint {path} as PyTorch weights: {reason}") from e
+    if key is not None:
+        if not isinstance(state, dict) or key not in state:
+            raise ValueError(f"checkpoint {path} has no entry {key!r}.")
+        state = state[key]
+    if not isinstance(state, dict) or not state or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ValueError(
+            f"checkpoint {path} is not a state dict (a mapping of parameter names to tensors), "
+            f"got {type(state).__name__}"
+            + (f" with keys {sorted(map(str, state))[:5]}" if isinstance(state, dict) else "")
+            + "."
+        )
+    return state
+
+
+def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def _pipeline_shapes(preset: str, in_channels: int) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the bundle's ``AnomalyPipeline`` for ``preset``, built on the meta device (no memory)."""
+    from berdiff.networks import AnomalyPipeline, autoencoder_from_preset, denoiser_from_preset
+
+    with torch.device("meta"):
+        autoencoder = autoencoder_from_preset(preset, in_channels=in_channels)
+        unet = denoiser_from_preset(preset, latent_channels=autoencoder.latent_channels)
+        return _shapes(AnomalyPipeline(autoencoder, unet))
+
+
+def _describe_mismatch(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> str | None:
+    """None when ``state`` has exactly the keys and shapes of ``expected``; otherwise the first difference."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    for k, shape in expected.items():
+        if k in state and tuple(state[k].shape) != shape:
+            return f"{k} has shape {tuple(state[k].shape)} in the checkpoint, {shape} in the network"
+    if missing or unexpected:
+        return (
+            f"{len(missing)} parameter(s) missing (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
+    return None
+
+
+def check_state_dict(
+    state: dict[str, torch.Tensor], module: torch.nn.Module, path: os.PathLike | str, what: str = "network"
+) -> None:
+    """
+    Checks that ``state`` has exactly the parameter names and shapes of ``module`` before loading it.
+
+    Args:
+        state: the state dict read from ``path``.
+        module: the network it is loaded into.
+        path: the file (named in the message).
+        what: the network's description in the message.
+
+    Raises:
+        ValueError: naming the first differing parameter with both shapes.
+    """
+    problem = _describe_mismatch(state, _shapes(module))
+    if problem:
+        raise ValueError(f"checkpoint {os.fspath(path)} does not fit the {what}: {problem}.")
+
+
+def check_checkpoint(
+    path: os.PathLike | str,
+    allow_random_weights: bool = False,
+    preset: str | None = None,
+    in_channels: int | None = None,
+) -> bool:
+    """
+    Checks that the model weights exist, so inference never runs silently with random weights; with ``preset`` and
+    ``in_channels`` also that the file is an ``AnomalyPipeline`` state dict of that size (read with
+    ``weights_only=True``), naming both sizes when it is another preset's.
 
     Args:
         path: the checkpoint (``models/model.pt``).
         allow_random_weights: opt-in for tests and debugging: a missing file is then allowed.
+        preset: the network preset the configuration builds; None skips the content check.
+        in_channels: image channels of the configuration (4 for BraTS).
 
     Returns:
         True when the file exists, False when it is missing and ``allow_random_weights`` is set.
 
     Raises:
         FileNotFoundError: the file is missing and random weights are not allowed.
+        ValueError: the file is not a state dict, or not one of the configured network.
     """
-    if os.path.isfile(os.fspath(path)):
+    if not os.path.isfile(os.fspath(path)):
+        if allow_random_weights:
+            return False
+        raise FileNotFoundError(
+            f"model weights not found: {path}. Train the bundle or download models/model.pt, pass --ckpt_path "
+            "<file>, or (tests/debugging only) --allow_random_weights True."
+        )
+    if preset is None:
         return True
-    if allow_random_weights:
-        return False
-    raise FileNotFoundError(
-        f"model weights not found: {path}. Train the bundle or download models/model.pt, pass --ckpt_path <file>, "
-        "or (tests/debugging only) --allow_random_weights True."
+    from berdiff.networks.presets import Preset
+
+    state = load_state_dict(path, mmap=True)
+    in_channels = int(in_channels or 4)
+    problem = _describe_mismatch(state, _pipeline_shapes(preset, in_channels))
+    if problem is None:
+        return True
+    for other in Preset:
+        for channels in dict.fromkeys((in_channels, 1, 4)):
+            if (other, channels) == (preset, in_channels):
+                continue
+            if _describe_mismatch(state, _pipeline_shapes(other, channels)) is None:
+                raise ValueError(
+                    f"checkpoint {path} holds a {other.value!r} network with {channels} image channel(s), but the "
+                    f"configuration builds a {preset!r} network with {in_channels} image channel(s): set "
+                    f"--preset {other.value}" + (" and the matching channels" if channels != in_channels else "")
+                    + " or use weights trained with this configuration."
+                )
+    raise ValueError(
+        f"checkpoint {path} does not fit the {preset!r} network with {in_channels} image channel(s): {problem}."
     )

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -33,6 +34,8 @@ __all__ = [
     "DelayedAdversarialLoss",
     "autoencoder_trainer",
     "training_loss_output",
+    "training_datalist",
+    "init_distributed",
     "load_weights",
     "latest_checkpoint",
     "save_state_dict",
@@ -174,7 +177,79 @@ def training_loss_output(output: Mapping[str, Any]) -> float | dict[str, float]:
     return float(torch.as_tensor(output["loss"]).detach())
 
 
-def load_weights(module: nn.Module, path: str | Sequence[str], key: str | None = None) -> nn.Module:
+def training_datalist(
+    source: str | os.PathLike, key: str = "training", defer_missing: bool = True
+) -> list[dict[str, Any]]:
+    """
+    The items of a training or validation list, read when the configuration is instantiated: from a datalist JSON
+    (``prepare_brats``'s ``datalist.json``, section ``key``) or from a folder of 2D images
+    (:func:`berdiff.data.images2d.list_images`, one ``{"image": file}`` item per file).
+
+    Args:
+        source: the datalist JSON file or the image folder.
+        key: the datalist section (``training`` or ``validation``); unused for a folder.
+        defer_missing: a missing file or folder gives an empty :class:`berdiff.io.MissingData` (the run reports it
+            when it starts) instead of raising now.
+
+    Raises:
+        FileNotFoundError: the source is missing (and ``defer_missing`` is off).
+        ValueError: the datalist cannot be read.
+    """
+    from monai.data import load_decathlon_datalist
+
+    from berdiff.io import MissingData
+
+    source = os.fspath(source)
+    try:
+        if os.path.isdir(source):
+            from berdiff.data.images2d import list_images
+
+            return [{"image": str(p)} for p in list_images(source)]
+        if not os.path.isfile(source):
+            raise FileNotFoundError(
+                f"training data not found: {source} (set --dataset_dir to the output folder of "
+                "`python -m berdiff prepare_brats`, or to a folder of images for the 2D bundle)."
+            )
+    except FileNotFoundError as e:
+        if defer_missing:
+            return MissingData(e)
+        raise
+    try:
+        with open(source) as f:
+            content = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read datalist {source}: {e}") from e
+    if not isinstance(content, dict) or not isinstance(content.get(key, []), list):
+        raise ValueError(f"datalist {source}: expected a JSON object with a {key!r} list.")
+    if key not in content:
+        return []
+    return load_decathlon_datalist(source, False, key)
+
+
+def init_distributed() -> bool:
+    """
+    Initialises the default process group of the multi-process training configs: from the environment that
+    ``torchrun`` sets (NCCL on GPUs, gloo on CPU), or, when the process was not started by ``torchrun``, as a group
+    of one process (so that the configuration also builds and runs as a plain single-process job).
+
+    Returns:
+        True when a group was initialised now, False when one already existed.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend=backend)
+    else:
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+def load_weights(
+    module: nn.Module, path: str | Sequence[str], key: str | None = None, missing_ok: bool = False
+) -> nn.Module:
     """
     Loads a flat state dict (``torch.load(weights_only=True)``) into ``module`` (strict) and returns the module.
 
@@ -182,15 +257,24 @@ def load_weights(module: nn.Module, path: str | Sequence[str], key: str | None =
         module: the network.
         path: checkpoint file, or candidate files of which the first existing one is used.
         key: optional entry of a nested checkpoint.
+        missing_ok: a missing file leaves ``module`` as it is (the configuration still builds; the training
+            configs' :func:`berdiff.handlers.training_preflight` stops the run before any step).
+
+    Raises:
+        FileNotFoundError: no candidate file exists (and ``missing_ok`` is off).
+        ValueError: the file is not a state dict of ``module`` (see :func:`berdiff.io.check_state_dict`).
     """
+    from berdiff.io import check_state_dict, load_state_dict
+
     candidates = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     found = next((p for p in candidates if os.path.isfile(p)), None)
     if found is None:
+        if missing_ok:
+            return module
         names = ", ".join(map(str, candidates))
         raise FileNotFoundError(f"checkpoint not found: {names} (train the earlier stage first).")
-    state = torch.load(found, map_location="cpu", weights_only=True)
-    if key is not None:
-        state = state[key]
+    state = load_state_dict(found, key=key)
+    check_state_dict(state, module, found)
     module.load_state_dict(state)
     return module
 

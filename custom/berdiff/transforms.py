@@ -31,6 +31,9 @@ from monai.transforms import (
 
 __all__ = [
     "BRATS_MODALITIES",
+    "MAX_VOXELS",
+    "VOXEL_SIZE_RANGE",
+    "check_image_header",
     "CheckImageFilesd",
     "ValidateImaged",
     "HeadPercentileScaled",
@@ -50,6 +53,50 @@ def root_cause(error: BaseException) -> BaseException:
     while isinstance(error, RuntimeError) and error.__cause__ is not None and "applying transform" in str(error):
         error = error.__cause__
     return error
+
+
+#: largest number of voxels (all channels together) an input file may claim in its header: 2**30 (4 GiB as float32,
+#: ~30 times a BraTS case), so that a corrupt or hostile header is refused before any memory is allocated
+MAX_VOXELS = 2**30
+#: plausible voxel sizes in mm
+VOXEL_SIZE_RANGE = (1e-3, 1e3)
+
+
+def check_image_header(
+    path: Any, shape: Sequence[int], affine: Any, zooms: Sequence[float] = (), max_voxels: int = MAX_VOXELS
+) -> None:
+    """
+    Checks what an image header claims, before the data are read: a positive size per axis, at most ``max_voxels``
+    voxels in all, a finite and invertible affine, and voxel sizes in :data:`VOXEL_SIZE_RANGE` (mm).
+
+    Args:
+        path: the file (named in the message).
+        shape: the header's array shape.
+        affine: the header's 4x4 voxel-to-world matrix.
+        zooms: the header's voxel sizes (spatial ones first).
+        max_voxels: largest number of voxels allowed.
+
+    Raises:
+        ValueError: naming the file and what is wrong.
+    """
+    dims = [int(d) for d in shape]
+    if not dims or any(d <= 0 for d in dims):
+        raise ValueError(f"{path}: the header claims an empty image (shape {tuple(dims)}).")
+    voxels = int(np.prod(np.asarray(dims, dtype=np.float64)))
+    if voxels > max_voxels:
+        raise ValueError(
+            f"{path}: the header claims {tuple(dims)} = {voxels:,} voxels, more than the {max_voxels:,} allowed; "
+            "refusing to read it (a corrupt header?)."
+        )
+    matrix = np.asarray(affine, dtype=np.float64)
+    if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
+        raise ValueError(f"{path}: the header's affine is not a finite 4x4 matrix:\n{matrix}")
+    if abs(np.linalg.det(matrix[:3, :3])) < 1e-12:
+        raise ValueError(f"{path}: the header's affine is singular (zero voxel size or collapsed axes):\n{matrix}")
+    spatial = [float(z) for z in list(zooms)[: min(3, len(dims))]]
+    lo, hi = VOXEL_SIZE_RANGE
+    if any(not np.isfinite(z) or not lo <= z <= hi for z in spatial):
+        raise ValueError(f"{path}: implausible voxel size {tuple(spatial)} (expected {lo:g} to {hi:g} mm per axis).")
 
 
 def _filename(meta_source: Any) -> str:
@@ -72,6 +119,7 @@ class CheckImageFilesd(MapTransform):
         reference_key: optional key whose (first) file must have the same spatial shape and affine (e.g. the image
             key when checking a segmentation).
         atol: tolerance when comparing affines.
+        max_voxels: largest number of voxels (all channels) a file may claim (:func:`check_image_header`).
         allow_missing_keys: don't raise for missing keys.
     """
 
@@ -81,24 +129,27 @@ class CheckImageFilesd(MapTransform):
         num_channels: int | None = None,
         reference_key: str | None = None,
         atol: float = 1e-3,
+        max_voxels: int = MAX_VOXELS,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.num_channels = num_channels
         self.reference_key = reference_key
         self.atol = atol
+        self.max_voxels = max_voxels
 
-    @staticmethod
-    def _header(path: str) -> nib.spatialimages.SpatialImage:
+    def _header(self, path: str) -> nib.spatialimages.SpatialImage:
         if not isinstance(path, (str, os.PathLike)):
             raise ValueError(f"expected an image file name, got {type(path).__name__}: {path!r}.")
         if not os.path.isfile(path):
             raise ValueError(f"image file not found: {path}")
         try:
             img = nib.load(str(path))
-            _ = img.shape, img.affine
+            shape, affine = img.shape, img.affine
+            zooms = img.header.get_zooms()
         except Exception as e:  # nibabel raises several types for corrupt files
             raise ValueError(f"cannot read image file {path}: {e}") from e
+        check_image_header(path, shape, affine, zooms, self.max_voxels)
         return img
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -139,18 +190,28 @@ class CheckImageFilesd(MapTransform):
 
 class ValidateImaged(MapTransform):
     """
-    Checks loaded (channel-first) images: channel count, no NaN or infinite voxel. All-zero images are allowed
-    (they give all-zero anomaly maps, because constant slices are skipped by the pipeline).
+    Checks loaded (channel-first) images: channel count, no NaN or infinite voxel, and no constant channel (a blank
+    modality) next to non-constant ones: the anomaly map of such a case would flag the whole head. Images that are
+    constant in every channel (e.g. all zero) are allowed: they give all-zero anomaly maps, because constant slices
+    are skipped by the pipeline.
 
     Args:
         keys: keys of channel-first images.
         num_channels: expected number of channels; None skips the check.
+        allow_blank_channels: allow constant channels next to non-constant ones.
         allow_missing_keys: don't raise for missing keys.
     """
 
-    def __init__(self, keys: KeysCollection, num_channels: int | None = None, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        num_channels: int | None = None,
+        allow_blank_channels: bool = False,
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.num_channels = num_channels
+        self.allow_blank_channels = allow_blank_channels
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -162,6 +223,14 @@ class ValidateImaged(MapTransform):
                 )
             if not bool(torch.isfinite(torch.as_tensor(img)).all()):
                 raise ValueError(f"{_filename(img)}: image contains NaN or infinite voxels.")
+            if not self.allow_blank_channels and img.shape[0] > 1:
+                flat = torch.as_tensor(img).reshape(img.shape[0], -1)
+                blank = [c for c in range(flat.shape[0]) if bool((flat[c] == flat[c, 0]).all())]
+                if blank and len(blank) < flat.shape[0]:
+                    raise ValueError(
+                        f"{_filename(img)}: channel(s) {blank} (0-based, of {flat.shape[0]}) are constant (e.g. all "
+                        "zero) while the others are not: a missing or blank modality; every modality is needed."
+                    )
         return d
 
 

@@ -256,9 +256,9 @@ def prepare_brats(
     Raises:
         ValueError: with a message naming the offending folder or file.
     """
-    size = [int(spatial_size)] * 2 if isinstance(spatial_size, (int, float, str)) else [int(s) for s in spatial_size]
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"spatial_size must be one or two positive ints, got {spatial_size}.")
+    from berdiff.validation import check_spatial_size
+
+    size = check_spatial_size(spatial_size)
     cases = find_brats_cases(src, require_label=True, datalist_key=datalist_key)
     all_ids = [c["subject"] for c in cases]
     if val_subjects is not None:
@@ -287,8 +287,10 @@ def prepare_brats(
     lists: dict[str, list] = {"training": [], "validation": [], "training_diseased": [], "validation_diseased": []}
     volumes: dict[str, list] = {"training": [], "validation": []}
     slice_ranges: dict[str, list[int]] = {}
+    from tqdm.auto import tqdm
+
     try:
-        for case in cases:
+        for case in tqdm(cases, desc="prepare_brats", unit="subject", dynamic_ncols=True, mininterval=1.0):
             subject, split = case["subject"], split_of[case["subject"]]
             try:
                 data = preprocessing({"image": case["image"], "label": case["label"]})
