@@ -357,7 +357,7 @@ def diffusion_loader(
     """
     from berdiff.data.tensor_loader import device_loader
 
-    if pre_encode:
+    if pre_encode and len(dataset) > 0:  # (an empty list only without data: reported when the run starts)
         if autoencoder is None:
             raise ValueError("pre_encode=True needs the frozen autoencoder.")
         return code_loader(

@@ -39,6 +39,15 @@ class TestTensorLoader(unittest.TestCase):
         self.assertEqual(len(parts[0]), len(parts[1]))
         self.assertEqual(set(parts[0].tolist()) & set(parts[1].tolist()), set())
 
+    def test_ranks_padded_without_drop_last(self):
+        x = torch.arange(5).float()
+        parts = [[b["image"] for b in TensorLoader({"image": x}, 1, drop_last=False, seed=0, rank=r, world_size=3)]
+                 for r in range(3)]
+        self.assertEqual([len(p) for p in parts], [2, 2, 2])  # 5 samples padded to 6: 2 batches of 1 per rank
+        seen = torch.cat([torch.cat(p) for p in parts])
+        self.assertEqual(len(seen), 6)
+        self.assertEqual(set(seen.tolist()), set(range(5)))
+
     def test_errors(self):
         with self.assertRaisesRegex(ValueError, "same number"):
             TensorLoader({"a": torch.zeros(3), "b": torch.zeros(4)}, 1)
@@ -54,6 +63,7 @@ class TestTensorLoader(unittest.TestCase):
         self.assertIsInstance(device_loader(ds, 2, placement="auto"), TensorLoader)  # 96 bytes fit
         with self.assertRaises(ValueError):
             device_loader(ds, 2, placement="gpu")
+        self.assertEqual(len(device_loader(Dataset([]), 2)), 0)  # no data: an empty loader, the run reports it
 
     def test_stack_dataset_errors(self):
         with self.assertRaisesRegex(ValueError, "different shapes"):

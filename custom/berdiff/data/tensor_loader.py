@@ -39,7 +39,8 @@ class TensorLoader:
 
     Each epoch draws a new permutation from a generator seeded with ``seed + epoch`` (the same on every rank), so
     runs are reproducible. Under ``torch.distributed`` each rank takes every ``world_size``-th index of the
-    permutation (the ranks see disjoint samples; with ``drop_last`` all ranks get the same number of batches).
+    permutation: disjoint samples, the same number of batches on every rank (without ``drop_last`` the permutation
+    is padded with its first samples to a multiple of ``world_size``, as ``DistributedSampler`` does).
 
     Args:
         data: name -> tensor, all with the same first (sample) dimension.
@@ -118,8 +119,10 @@ class TensorLoader:
             order = torch.randperm(self.num_samples, generator=gen)
         else:
             order = torch.arange(self.num_samples)
-        order = order[self.rank :: self.world_size]
-        return order[: self._per_rank()].to(self.device)
+        per_rank = self._per_rank()
+        if per_rank * self.world_size > self.num_samples:  # drop_last off: pad with repeats so every rank gets as many
+            order = torch.cat([order, order[: per_rank * self.world_size - self.num_samples]])
+        return order[self.rank :: self.world_size][:per_rank].to(self.device)
 
     def _take(self, tensor: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         batch = tensor.index_select(0, idx)
@@ -205,7 +208,7 @@ def device_loader(
     """
     placement = look_up_option(placement, Placement)
     device = torch.device(device)
-    if placement != Placement.LOADER:
+    if placement != Placement.LOADER and len(dataset) > 0:  # (an empty list only without data: reported at run time)
         first = dataset[0] if len(dataset) else {}
         per_item = sum(torch.as_tensor(first[k]).element_size() * torch.as_tensor(first[k]).numel() for k in keys if k in first)
         fits = per_item * len(dataset) <= max_fraction * _free_bytes(device)
@@ -215,6 +218,7 @@ def device_loader(
     distributed = dist.is_available() and dist.is_initialized()
     sampler = DistributedSampler(dataset, even_divisible=True, shuffle=shuffle) if distributed else None
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, drop_last=drop_last,
+        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None and len(dataset) > 0, sampler=sampler,
+        drop_last=drop_last,
         num_workers=num_workers, pin_memory=device.type == "cuda",
     )
