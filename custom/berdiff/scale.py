@@ -116,6 +116,19 @@ def outputs_complete(
     return bool(files) and all(os.path.isfile(f) and os.path.getsize(f) > 0 for f in files)
 
 
+def _remove_stale_temp_files(output_dir: str, case: str) -> None:
+    """Removes the hidden temporary files (``.<case>_<postfix>...tmp...``) a killed run left for ``case``."""
+    folder = os.fspath(output_dir)
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name.startswith(f".{case}_") and ".tmp" in name:
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
 @dataclass
 class CasePlan:
     """
@@ -156,7 +169,8 @@ def plan_cases(
         items: the datalist (items with ``image`` and ``case``).
         output_dir: the output folder.
         output_postfixes: postfixes of the files written per case.
-        skip_existing: leave out the cases whose outputs are all complete (:func:`outputs_complete`).
+        skip_existing: leave out the cases whose outputs are all complete (:func:`outputs_complete`); the hidden
+            temporary files a killed run left for this process's cases are removed.
         rank: this process's rank; from ``torch.distributed`` when None.
         world_size: the number of processes; from ``torch.distributed`` when None.
         output_ext: extension of the output files.
@@ -173,6 +187,8 @@ def plan_cases(
         raise ValueError(f"several inputs have the same case name (their outputs would overwrite each other): {duplicates}")
     plan = CasePlan(rank=rank, world_size=world_size, num_total=len(items), names=names)
     for item, name in list(zip(items, names))[rank::world_size]:
+        if skip_existing:
+            _remove_stale_temp_files(output_dir, name)
         if skip_existing and outputs_complete(output_dir, name, output_postfixes, output_ext):
             plan.skipped.append(dict(item))
         else:
@@ -281,7 +297,7 @@ class HeadSliceInferer(Inferer):
         self.sw_batch_size = sw_batch_size if isinstance(sw_batch_size, str) else int(sw_batch_size)
         self.spatial_dim = int(spatial_dim)
         self.amp = bool(amp)
-        self._cuda_cap: int | None = None  # "auto" on CUDA: largest batch size known to fit
+        self._cap: int | None = None  # "auto": batch size after the last out-of-memory error
         self.last_stats: dict[str, Any] = {}
 
     def batch_size_for(self, num_slices: int, slice_shape: Sequence[int], device: torch.device) -> int:
@@ -289,13 +305,18 @@ class HeadSliceInferer(Inferer):
         if self.sw_batch_size != "auto":
             return max(1, min(int(self.sw_batch_size), num_slices))
         if device.type != "cuda":
-            return max(1, min(CPU_SW_BATCH_SIZE, num_slices))
-        cap = self._cuda_cap or CUDA_MAX_SW_BATCH_SIZE
-        if self._cuda_cap is None and torch.cuda.is_available():
-            free, _ = torch.cuda.mem_get_info(device)
-            pixels = int(torch.tensor(slice_shape[1:]).prod())
-            per_slice = CUDA_BYTES_PER_PIXEL * pixels * (1 if self.amp else 2)
-            cap = max(1, min(cap, int(0.8 * free // max(per_slice, 1))))
+            cap = CPU_SW_BATCH_SIZE
+        else:
+            cap = CUDA_MAX_SW_BATCH_SIZE
+            if torch.cuda.is_available():
+                free, _ = torch.cuda.mem_get_info(device)
+                pixels = 1
+                for n in slice_shape[1:]:
+                    pixels *= int(n)
+                per_slice = CUDA_BYTES_PER_PIXEL * pixels * (1 if self.amp else 2)
+                cap = min(cap, int(0.8 * free // max(per_slice, 1)))
+        if self._cap is not None:  # lowered after an out-of-memory error
+            cap = min(cap, self._cap)
         return max(1, min(cap, num_slices))
 
     def _run_chunks(self, x: torch.Tensor, idx: torch.Tensor, network: Callable, batch: int, out: list, *args: Any, **kwargs: Any) -> int:
@@ -307,11 +328,12 @@ class HeadSliceInferer(Inferer):
             try:
                 out.append((sel, network(x[sel], *args, **kwargs)))
             except Exception as e:
-                if not (self.sw_batch_size == "auto" and x.device.type == "cuda" and _is_oom(e) and batch > 1):
+                if not (self.sw_batch_size == "auto" and _is_oom(e) and batch > 1):
                     raise
                 batch = max(1, batch // 2)
-                self._cuda_cap = batch
-                torch.cuda.empty_cache()
+                self._cap = batch
+                if x.device.type == "cuda":
+                    torch.cuda.empty_cache()
                 logger.warning(f"out of memory: sw_batch_size 'auto' lowered to {batch} slices per call.")
                 continue
             calls += 1
@@ -342,7 +364,7 @@ class HeadSliceInferer(Inferer):
         batch = self.batch_size_for(len(head_idx), x.shape[1:], x.device)
         pieces: list = []
         calls = self._run_chunks(x, head_idx, network, batch, pieces, *args, **kwargs)
-        batch = min(batch, self._cuda_cap or batch)
+        batch = min(batch, self._cap or batch)
         calls += self._run_chunks(x, background_idx, network, max(batch, 1), pieces, *args, **kwargs)
         first = pieces[0][1]
         result = torch.empty((x.shape[0], first.shape[1], *first.shape[2:]), dtype=first.dtype, device=first.device)
@@ -366,6 +388,15 @@ class HeadSliceInferer(Inferer):
 # ---------------------------------------------------------------------------------------------------- evaluator
 
 
+def _uncollate(value: Any) -> Any:
+    """The item of a batch of one: ``['a']`` -> ``'a'``, ``[('a',), ('b',)]`` -> ``['a', 'b']``."""
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple)) and len(v) == 1 for v in value):
+        value = [v[0] for v in value]
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
+    return value
+
+
 class CaseEvaluator(SupervisedEvaluator):
     """
     A MONAI ``SupervisedEvaluator`` over whole cases (``batch_size=1``) that can go on after a failing case. With
@@ -387,18 +418,17 @@ class CaseEvaluator(SupervisedEvaluator):
 
     @staticmethod
     def _failure(batchdata: Any, error: str) -> dict[str, Any]:
+        """The failed case (named like its output files, see :func:`berdiff.io.case_name`), its files, the error."""
         case = image = None
         if isinstance(batchdata, Mapping):
-            case, image = batchdata.get("case"), batchdata.get("image")
+            image = batchdata.get("image")
             meta = getattr(image, "meta", None)
-            if meta is not None:
-                image = meta.get("filename_or_obj", None)
-        case = case[0] if isinstance(case, (list, tuple)) and len(case) == 1 else case
-        if image:
-            try:  # the output files' name (berdiff.io.case_name_formatter)
-                case = case_name(image[0] if isinstance(image, (list, tuple)) and len(image) == 1 else image)
-            except Exception:
-                pass
+            image = _uncollate(meta.get("filename_or_obj") if meta is not None else image)
+            case = _uncollate(batchdata.get("case"))
+        try:
+            case = case_name(image) if image else case
+        except (TypeError, ValueError):
+            pass
         return {"case": None if case is None else str(case), "image": image, "error": error}
 
     def _iteration(self, engine: Any, batchdata: Any) -> dict:
