@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "demo": "berdiff.demo:demo",
     "make_lesions": "berdiff.data.lesions:make_lesions",
     "benchmark": "berdiff.benchmark:benchmark",
+    "speed": "berdiff.speed:speed",
 }
 
 
