@@ -86,7 +86,11 @@ class TestRunSummaryHandler(unittest.TestCase):
         self.assertEqual(summary["cases"][0]["outputs"], ["A_1_anomaly.nii.gz"])
         for case in summary["cases"]:
             self.assertEqual(tuple(case), CASE_FIELDS)
-            self.assertAlmostEqual(case["wall_time_s"], case["load_time_s"] + case["inference_time_s"], delta=2e-4)
+            self.assertAlmostEqual(case["wall_time_s"], case["wait_time_s"] + case["inference_time_s"], delta=2e-4)
+            self.assertEqual((case["status"], case["error"]), ("done", None))
+        self.assertEqual((summary["done"], summary["skipped"], summary["failed"]), (["A_1", "A_2"], [], []))
+        self.assertEqual((summary["num_done"], summary["num_skipped"], summary["num_failed"]), (2, 0, 0))
+        self.assertGreater(summary["cases_per_s"], 0)
         self.assertEqual(os.listdir(self.tmp), ["run_summary.json"])
 
     def test_failure_is_recorded_and_reraised(self):

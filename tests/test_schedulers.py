@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import unittest
 
+import numpy as np
 import torch
 from monai.inferers import DiffusionInferer
 from parameterized import parameterized
@@ -115,6 +116,17 @@ class TestBernoulliScheduler(unittest.TestCase):
         batched = sch.posterior(x0, xt, torch.tensor([10, 300]), torch.tensor([5, -1]))
         self.assertTrue(torch.allclose(batched[0], sch.posterior(x0[:1], xt[:1], 10, 5)[0]))
         self.assertTrue(torch.equal(batched[1], x0[1]))
+
+    def test_posterior_int_timesteps_equal_tensor_timesteps(self):
+        """The inference loop passes Python ints (no device sync): same values as 0-d tensors, same checks."""
+        sch = BernoulliScheduler()
+        x0, xt = torch.rand(2, 3, 4, 4), torch.randint(0, 2, (2, 3, 4, 4)).float()
+        for t, s in ((199, 177), (21, 0), (5, 4), (3, -1)):
+            self.assertTrue(torch.equal(sch.posterior(x0, xt, t, s), sch.posterior(x0, xt, torch.tensor(t), torch.tensor(s))))
+            self.assertTrue(torch.equal(sch.posterior(x0, xt, np.int64(t), s), sch.posterior(x0, xt, t, s)))
+        for bad in ((5, 7), (1000, 3)):
+            with self.assertRaises(ValueError):
+                sch.posterior(x0, xt, *bad)
 
     @parameterized.expand([(1000, None, 1000), (1000, 199, 200), (1000, 199, 20), (1000, 199, 1), (10, 9, 7)])
     def test_set_timesteps_strictly_decreasing(self, T, start, n):

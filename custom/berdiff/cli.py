@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "make_lesions": "berdiff.data.lesions:make_lesions",
     "benchmark": "berdiff.benchmark:benchmark",
     "train_speed": "berdiff.train_speed:train_speed",
+    "speed": "berdiff.speed:speed",
 }
 
 

@@ -33,6 +33,7 @@ from berdiff.io import (
     check_unique_outputs,
     inference_datalist,
 )
+from berdiff.scale import CaseStatus
 from berdiff.transforms import root_cause
 from berdiff.validation import check_settings, exit_on_error
 
@@ -46,6 +47,7 @@ __all__ = [
     "preflight",
     "training_preflight",
     "run_evaluator",
+    "report_failures",
     "RUN_SUMMARY_FIELDS",
     "CASE_FIELDS",
 ]
@@ -62,6 +64,11 @@ RUN_SUMMARY_FIELDS = (
     "num_cases",
     "num_slices",
     "slices_per_s",
+    "cases_per_s",
+    "num_done",
+    "num_skipped",
+    "num_failed",
+    "time_split_s",
     "device",
     "device_name",
     "memory_kind",
@@ -69,13 +76,23 @@ RUN_SUMMARY_FIELDS = (
     "versions",
     "settings",
     "cases",
+    "done",
+    "skipped",
+    "failed",
 )
 #: fields of each entry of ``run_summary.json["cases"]``
 CASE_FIELDS = (
     "case",
+    "status",
+    "error",
     "image",
     "wall_time_s",
     "load_time_s",
+    "preprocess_time_s",
+    "wait_time_s",
+    "network_time_s",
+    "postprocess_time_s",
+    "write_time_s",
     "inference_time_s",
     "num_slices",
     "num_head_slices",
@@ -86,10 +103,15 @@ CASE_FIELDS = (
 
 
 class OnError(StrEnum):
-    """What :func:`run_evaluator` does when the run fails: ``raise`` the root cause, or ``exit`` with its message."""
+    """
+    What happens when a case fails: ``exit`` stops the run and exits with ``error: <root cause>`` (status 1, no
+    stack trace), ``raise`` stops it and raises the root cause (Python API), ``continue`` records the failed case in
+    ``run_summary.json``, runs the others and exits with status 1 at the end (:func:`report_failures`).
+    """
 
     RAISE = "raise"
     EXIT = "exit"
+    CONTINUE = "continue"
 
 
 def _is_cuda(device: torch.device | str) -> bool:
@@ -134,10 +156,17 @@ def _to_builtin(value: Any) -> Any:
 class RunSummaryHandler:
     """
     Writes ``<output_dir>/<filename>`` (``run_summary.json``, atomically, after every case and at the end) and shows
-    a progress bar over cases (tqdm). Per case: wall time (loading + inference + post-processing and saving), its
-    parts, number of slices and of head (non-constant) slices, slices per second, peak memory, output files. Run
-    level: status (``running``, ``completed`` or ``failed`` with the error), totals, device, versions and the
-    ``settings`` given (L, P, K, preset, threshold, ...). Peak memory: see :func:`peak_memory_mb`.
+    a progress bar over cases (tqdm). Per case: status (``done``, ``failed`` with its error, or ``writing`` while a
+    background thread still writes its files), wall time on the main thread and its split: ``load_time_s`` (reading
+    the files) and ``preprocess_time_s`` (the rest of the preprocessing), both measured where they run (a data loader
+    worker, see :class:`berdiff.scale.CaseDataset`), ``wait_time_s`` (the main thread waiting for the data),
+    ``network_time_s`` (from the inferer's ``last_stats``, see :class:`berdiff.scale.HeadSliceInferer`),
+    ``postprocess_time_s`` (mask, ``Invertd``, handing the files to the writer) and ``write_time_s`` (NIfTI
+    writing, in the background with :class:`berdiff.scale.WriteQueue`); number of slices and of head (non-constant)
+    slices, slices per second, peak memory, output files. Run level: status (``running``, ``completed``,
+    ``completed_with_failures`` or ``failed`` with the error), totals, cases per second, the summed time split, the
+    names of the cases done, skipped (``skip_existing``) and failed, device, versions and the ``settings`` given.
+    Peak memory: see :func:`peak_memory_mb`.
 
     Attach it as an evaluator handler (``val_handlers``); one case per iteration (``batch_size=1``).
 
@@ -151,6 +180,9 @@ class RunSummaryHandler:
         output_ext: extension of the output files.
         progress: show a tqdm progress bar over cases (otherwise one printed line per case: ``inference: case
             i/n ...``).
+        skipped: datalist items (or case names) skipped because their outputs were complete.
+        write_queue: the :class:`berdiff.scale.WriteQueue` of the ``SaveImaged`` writers, if any: a case is done
+            when its files are written.
     """
 
     def __init__(
@@ -162,6 +194,8 @@ class RunSummaryHandler:
         output_postfixes: Sequence[str] = ("anomaly", "anomaly_mask", "latent_flip"),
         output_ext: str = ".nii.gz",
         progress: bool = True,
+        skipped: Sequence[Any] = (),
+        write_queue: Any = None,
     ) -> None:
         self.output_dir = os.fspath(output_dir)
         self.path = os.path.join(self.output_dir, filename)
@@ -170,12 +204,15 @@ class RunSummaryHandler:
         self.output_postfixes = tuple(output_postfixes)
         self.output_ext = output_ext
         self.progress = progress
+        self.skipped = [str(s.get("case")) if isinstance(s, Mapping) else str(s) for s in skipped]
+        self.write_queue = write_queue
         self._bar: Any = None
         self._reset()
 
     def _reset(self) -> None:
         self.summary: dict[str, Any] = {}
         self._t_run = self._t_get = self._t_iter = 0.0
+        self._pending: list[dict[str, Any]] = []
 
     def attach(self, engine: Any) -> None:
         """Registers the event handlers on an ignite engine."""
@@ -204,6 +241,11 @@ class RunSummaryHandler:
             "num_cases": 0,
             "num_slices": 0,
             "slices_per_s": None,
+            "cases_per_s": None,
+            "num_done": 0,
+            "num_skipped": len(self.skipped),
+            "num_failed": 0,
+            "time_split_s": {},
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if _is_cuda(device) else platform.processor() or "cpu",
             "memory_kind": peak_memory_mb(device)[0],
@@ -211,7 +253,11 @@ class RunSummaryHandler:
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__},
             "settings": self.settings,
             "cases": [],
+            "done": [],
+            "skipped": list(self.skipped),
+            "failed": [],
         }
+        engine.state.run_summary = self.summary
         if self.progress:
             from tqdm.auto import tqdm
 
@@ -232,23 +278,77 @@ class RunSummaryHandler:
 
     def iteration_started(self, engine: Any) -> None:
         self._t_iter = time.perf_counter()
+        stats = getattr(getattr(engine, "inferer", None), "last_stats", None)
+        if isinstance(stats, dict):
+            stats.clear()
 
-    def _image(self, engine: Any) -> Any:
+    def _batch(self, engine: Any) -> Any:
         batch = engine.state.batch
         if isinstance(batch, (list, tuple)):  # decollated
             batch = batch[0]
+        return batch
+
+    def _image(self, engine: Any) -> Any:
+        batch = self._batch(engine)
         return batch[self.image_key] if isinstance(batch, Mapping) else batch
+
+    def _batch_time(self, engine: Any, key: str) -> float | None:
+        batch = self._batch(engine)
+        value = batch.get(key) if isinstance(batch, Mapping) else None
+        if value is None:
+            return None
+        value = _to_builtin(value)
+        value = value[0] if isinstance(value, list) and value else value
+        return round(float(value), 4) if isinstance(value, (int, float)) else None
+
+    @staticmethod
+    def _source(source: Any) -> Any:
+        if isinstance(source, (list, tuple)) and source and isinstance(source[0], (list, tuple)):
+            source = [s[0] if isinstance(s, (list, tuple)) and len(s) == 1 else s for s in source]
+            source = source[0] if len(source) == 1 else source
+        return source[0] if isinstance(source, (list, tuple)) and len(source) == 1 else source
+
+    def _failed_case(self, engine: Any, failure: Mapping[str, Any], now: float) -> dict[str, Any]:
+        name = failure.get("case") or f"case_{engine.state.iteration - 1}"
+        case = dict.fromkeys(CASE_FIELDS)
+        case.update(
+            case=name,
+            status=CaseStatus.FAILED.value,
+            error=failure.get("error"),
+            image=_to_builtin(self._source(failure.get("image"))),
+            wall_time_s=round(now - self._t_get, 4),
+            outputs=[],
+        )
+        return case
 
     def iteration_completed(self, engine: Any) -> None:
         if _is_cuda(self._device_obj):
             torch.cuda.synchronize(self._device_obj)
         now = time.perf_counter()
+        failure = getattr(engine.state, "case_failure", None)
+        if failure:
+            case = self._failed_case(engine, failure, now)
+        else:
+            case = self._done_case(engine, now)
+        self.summary["cases"].append(case)
+        self._poll(engine, block=False)
+        self._update_totals(now)
+        atomic_write_json(self.summary, self.path)
+        if self._bar is not None:
+            self._bar.set_postfix(case=case["case"], slices_per_s=case["slices_per_s"])
+            self._bar.update(1)
+        else:  # one line per case instead of the bar (logs, the demo)
+            total = self._num_cases(engine)
+            print(
+                f"inference: case {len(self.summary['cases'])}/{total if total is not None else '?'} {case['case']}: "
+                f"{case['wall_time_s']:.1f} s",
+                flush=True,
+            )
+
+    def _done_case(self, engine: Any, now: float) -> dict[str, Any]:
         image = self._image(engine)
         meta = getattr(image, "meta", {}) or {}
-        source = meta.get("filename_or_obj", f"case_{engine.state.iteration - 1}")
-        if isinstance(source, (list, tuple)) and source and isinstance(source[0], (list, tuple)):
-            source = source[0]
-        source = source[0] if isinstance(source, (list, tuple)) and len(source) == 1 else source
+        source = self._source(meta.get("filename_or_obj", f"case_{engine.state.iteration - 1}"))
         name = case_name(source)
         img = torch.as_tensor(image).detach()
         if img.ndim == 5:  # collated (1, C, H, W, D)
@@ -257,41 +357,74 @@ class RunSummaryHandler:
         num_slices = int(img.shape[-1])
         num_head = int((flat.amax(dim=0) > flat.amin(dim=0)).sum())
         wall = now - self._t_get
+        inference = now - self._t_iter
+        stats = getattr(getattr(engine, "inferer", None), "last_stats", None) or {}
+        network = stats.get("network_time_s")
         _, mem = peak_memory_mb(self._device_obj)
+        outputs = [f"{name}_{p}{self.output_ext}" for p in self.output_postfixes]
         case = {
             "case": name,
+            "status": CaseStatus.WRITING.value if self.write_queue is not None else CaseStatus.DONE.value,
+            "error": None,
             "image": _to_builtin(source),
             "wall_time_s": round(wall, 4),
-            "load_time_s": round(self._t_iter - self._t_get, 4),
-            "inference_time_s": round(now - self._t_iter, 4),
+            "load_time_s": self._batch_time(engine, "load_time_s"),
+            "preprocess_time_s": self._batch_time(engine, "preprocess_time_s"),
+            "wait_time_s": round(self._t_iter - self._t_get, 4),
+            "network_time_s": None if network is None else round(float(network), 4),
+            "postprocess_time_s": None if network is None else round(inference - float(network), 4),
+            "write_time_s": None,
+            "inference_time_s": round(inference, 4),
             "num_slices": num_slices,
             "num_head_slices": num_head,
             "slices_per_s": round(num_slices / wall, 3) if wall > 0 else None,
             "peak_memory_mb": round(mem, 1),
-            "outputs": [f"{name}_{p}{self.output_ext}" for p in self.output_postfixes],
+            "outputs": outputs,
         }
-        self.summary["cases"].append(case)
-        self._update_totals(now)
-        atomic_write_json(self.summary, self.path)
-        if self._bar is not None:
-            self._bar.set_postfix(case=name, slices_per_s=case["slices_per_s"])
-            self._bar.update(1)
-        else:  # one line per case instead of the bar (logs, the demo)
-            total = self._num_cases(engine)
-            print(
-                f"inference: case {len(self.summary['cases'])}/{total if total is not None else '?'} {name}: "
-                f"{case['wall_time_s']:.1f} s",
-                flush=True,
-            )
+        if self.write_queue is not None:
+            self._pending.append(case)
+        return case
+
+    def _poll(self, engine: Any, block: bool) -> None:
+        """Marks the cases whose background writes finished as done (or failed)."""
+        if self.write_queue is None:
+            return
+        still = []
+        for case in self._pending:
+            files = [os.path.join(self.output_dir, o) for o in case["outputs"]]
+            finished, seconds, error = self.write_queue.status(files, block=block)
+            if not finished:
+                still.append(case)
+                continue
+            case["write_time_s"] = round(seconds, 4)
+            if error is None:
+                case["status"] = CaseStatus.DONE.value
+                continue
+            case["status"], case["error"] = CaseStatus.FAILED.value, error
+            if not getattr(engine, "continue_on_error", False):
+                self._pending = []
+                raise RuntimeError(f"writing the outputs of case {case['case']} failed: {error}")
+        self._pending = still
 
     def _update_totals(self, now: float) -> None:
         cases = self.summary["cases"]
         self.summary["wall_time_s"] = round(now - self._t_run, 4)
         self.summary["num_cases"] = len(cases)
-        self.summary["num_slices"] = sum(c["num_slices"] for c in cases)
-        total = sum(c["wall_time_s"] for c in cases)
+        self.summary["num_slices"] = sum(c["num_slices"] or 0 for c in cases)
+        done = [c for c in cases if c["status"] == CaseStatus.DONE]
+        self.summary["done"] = [c["case"] for c in done]
+        self.summary["failed"] = [c["case"] for c in cases if c["status"] == CaseStatus.FAILED]
+        self.summary["num_done"] = len(done)
+        self.summary["num_failed"] = len(self.summary["failed"])
+        total = sum(c["wall_time_s"] for c in cases if c["num_slices"])
         self.summary["slices_per_s"] = round(self.summary["num_slices"] / total, 3) if total > 0 else None
-        mems = [c["peak_memory_mb"] for c in cases]
+        wall = self.summary["wall_time_s"]
+        self.summary["cases_per_s"] = round(len(done) / wall, 4) if wall > 0 else None
+        parts = ("load", "preprocess", "wait", "network", "postprocess", "write")
+        self.summary["time_split_s"] = {
+            p: round(sum(c[f"{p}_time_s"] or 0.0 for c in done), 4) for p in parts
+        }
+        mems = [c["peak_memory_mb"] for c in cases if c["peak_memory_mb"] is not None]
         self.summary["peak_memory_mb"] = max(mems) if mems else round(peak_memory_mb(self._device_obj)[1], 1)
 
     def _close(self) -> None:
@@ -301,20 +434,30 @@ class RunSummaryHandler:
 
     def completed(self, engine: Any) -> None:
         self._close()
+        if self.write_queue is not None:
+            self.write_queue.wait_all()
+        self._poll(engine, block=True)
         self._update_totals(time.perf_counter())
-        self.summary["status"] = "completed"
+        self.summary["status"] = "completed_with_failures" if self.summary["num_failed"] else "completed"
         self.summary["finished_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         atomic_write_json(self.summary, self.path)
         logger.info(
-            f"inference done: {self.summary['num_cases']} case(s), {self.summary['num_slices']} slices, "
-            f"{self.summary['slices_per_s']} slices/s; summary: {self.path}"
+            f"inference done: {self.summary['num_done']} case(s) done, {self.summary['num_skipped']} skipped, "
+            f"{self.summary['num_failed']} failed; {self.summary['num_slices']} slices, "
+            f"{self.summary['cases_per_s']} cases/s; summary: {self.path}"
         )
 
     def exception_raised(self, engine: Any, e: BaseException) -> None:
         """Records the failure (root cause) in the summary, then re-raises the root cause."""
         self._close()
         cause = root_cause(e)
+        if self.write_queue is not None:  # files already handed over are completed (atomically)
+            self.write_queue.wait_all()
         if self.summary:
+            try:
+                self._poll(engine, block=True)
+            except RuntimeError:
+                pass
             self._update_totals(time.perf_counter())
             self.summary["status"] = "failed"
             self.summary["error"] = f"{type(cause).__name__}: {cause}"
@@ -457,7 +600,7 @@ def _fail(error: BaseException, on_error: str) -> None:
     """Reports ``error``'s root cause: ``exit`` without a stack trace (:func:`berdiff.validation.exit_on_error`), or
     ``raise``."""
     cause = root_cause(error)
-    if on_error == OnError.EXIT:
+    if on_error in (OnError.EXIT, OnError.CONTINUE):
         logger.debug(f"run failed: {type(cause).__name__}: {cause}")
         exit_on_error(error)
     if cause is error:
@@ -580,3 +723,29 @@ def run_evaluator(
     except Exception as e:
         _fail(e, on_error)
     return evaluator.state
+
+
+def report_failures(evaluator: Any, on_error: str = OnError.EXIT) -> int:
+    """
+    The last step of a run with ``on_error=continue``: when some cases failed (recorded in ``run_summary.json``
+    by :class:`RunSummaryHandler`), prints ``error: N case(s) failed: ...`` and exits with status 1 (``raise``:
+    raises a ``RuntimeError``); the other cases' outputs are complete. A no-op when no case failed.
+
+    Args:
+        evaluator: the evaluator that ran (its ``state.run_summary``).
+        on_error: an :class:`OnError`.
+
+    Returns:
+        the number of failed cases (0).
+    """
+    summary = getattr(getattr(evaluator, "state", None), "run_summary", None) or {}
+    failed = list(summary.get("failed") or [])
+    if not failed:
+        return 0
+    shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+    error = RuntimeError(
+        f"{len(failed)} of {summary.get('num_cases')} case(s) failed: {shown} (errors in run_summary.json; the "
+        "other cases are complete)"
+    )
+    _fail(error, OnError.RAISE if on_error == OnError.RAISE else OnError.EXIT)
+    return len(failed)

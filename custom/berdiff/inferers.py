@@ -152,13 +152,15 @@ class MaskedBernoulliInferer(Inferer):
             raise TypeError(f"inputs must be a floating point tensor, got {inputs.dtype}.")
         z_in = autoencoder.encode_stage_2_inputs(inputs).float()
         timesteps = self.timesteps.to(z_in.device)
+        # host copy of the schedule: the loop passes Python ints to the scheduler (no device sync per step)
+        steps = [int(t) for t in self.timesteps.tolist()]
         batch = z_in.shape[0]
         x = self.scheduler.add_noise(z_in, uniform_like(z_in, generator), timesteps[0])
         mask = torch.zeros_like(z_in, dtype=torch.bool)
         flip_sum = torch.zeros((batch, 1, *z_in.shape[2:]), device=z_in.device, dtype=torch.float32)
         code = z_in
-        for i, t in enumerate(timesteps):
-            logits = diffusion_model(x, timesteps=t.expand(batch))
+        for i, t in enumerate(steps):
+            logits = diffusion_model(x, timesteps=timesteps[i].expand(batch))
             flip = self.scheduler.predict_flip(logits, x)
             x0_hat = self.scheduler.predict_original(logits, x)
             flip_sum += self._reduce_channels(flip)
@@ -169,7 +171,7 @@ class MaskedBernoulliInferer(Inferer):
                 mask.fill_(True)
                 x0_tilde = x0_hat
             if i + 1 < len(timesteps):
-                x = bernoulli(self.scheduler.posterior(x0_tilde, x, t, timesteps[i + 1]), generator)
+                x = bernoulli(self.scheduler.posterior(x0_tilde, x, t, steps[i + 1]), generator)
             else:
                 code = (x0_tilde > 0.5).float() if self.final_code == FinalCode.BINARY else x0_tilde
         reconstruction = autoencoder.decode_stage_2_outputs(code).float().clamp(0.0, 1.0)

@@ -132,12 +132,26 @@ class BernoulliScheduler(Scheduler):
 
     # ------------------------------------------------------------------ forward process
 
+    def _alpha_table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``alphas_cumprod`` on ``device`` in ``dtype``, copied once (no host-device copy per denoising step)."""
+        key = (str(device), dtype, id(self.alphas_cumprod))
+        cache = self.__dict__.setdefault("_alpha_tables", {})
+        if key not in cache:
+            if len(cache) > 8:
+                cache.clear()
+            cache[key] = self.alphas_cumprod.to(device=device, dtype=dtype)
+        return cache[key]
+
     def _alpha_bar(self, timesteps: TimestepLike, like: torch.Tensor) -> torch.Tensor:
         """alpha_bar at ``timesteps`` (int or tensor of shape () or (B,)), broadcast to ``like``'s rank and dtype."""
+        if _is_int(timesteps):  # checked on the host, indexed without a device sync
+            if not 0 <= int(timesteps) < self.num_train_timesteps:
+                raise ValueError(f"timesteps must be in [0, {self.num_train_timesteps - 1}], got {int(timesteps)}.")
+            return self._alpha_table(like.device, like.dtype)[int(timesteps)].reshape((1,) * like.ndim)
         t = torch.as_tensor(timesteps, device=like.device).long()
         if t.numel() and (t.min() < 0 or t.max() >= self.num_train_timesteps):
             raise ValueError(f"timesteps must be in [0, {self.num_train_timesteps - 1}], got {t.tolist()}.")
-        alpha_bar = self.alphas_cumprod.to(device=like.device, dtype=like.dtype)[t]
+        alpha_bar = self._alpha_table(like.device, like.dtype)[t]
         return alpha_bar.reshape(alpha_bar.shape + (1,) * (like.ndim - alpha_bar.ndim))
 
     def flip_prob(self, timesteps: TimestepLike, like: torch.Tensor) -> torch.Tensor:
@@ -216,10 +230,17 @@ class BernoulliScheduler(Scheduler):
 
         Returns:
             the Bernoulli parameter of ``x_s`` (float32, in [0, 1]; computed in float64, because
-            ``1 - alpha_{t|s}`` is tiny for neighbouring timesteps).
+            ``1 - alpha_{t|s}`` is tiny for neighbouring timesteps). With Python ints for t and s the checks run on
+            the host: no device synchronisation (the inference loop's form).
         """
         x0 = x0_prob.double()
         x_t = sample.double()
+        if _is_int(timestep) and _is_int(prev_timestep):
+            if int(prev_timestep) >= int(timestep):
+                raise ValueError(f"prev_timestep must be smaller than timestep, got s={prev_timestep}, t={timestep}.")
+            if int(prev_timestep) < 0:
+                return x0_prob.float()
+            return self._posterior(x0, x_t, self._alpha_bar(timestep, x0), self._alpha_bar(prev_timestep, x0))
         t = torch.as_tensor(timestep, device=x0.device).long()
         s = torch.as_tensor(prev_timestep, device=x0.device).long()
         if torch.any(s >= t):
@@ -227,15 +248,18 @@ class BernoulliScheduler(Scheduler):
         last = s < 0
         if torch.all(last):
             return x0_prob.float()
-        ab_t = self._alpha_bar(t, x0)
-        ab_s = self._alpha_bar(s.clamp(min=0), x0)
+        prob = self._posterior(x0, x_t, self._alpha_bar(t, x0), self._alpha_bar(s.clamp(min=0), x0))
+        if torch.any(last):
+            prob = torch.where(last.reshape(last.shape + (1,) * (x0.ndim - last.ndim)), x0, prob.double())
+        return prob.clamp(0.0, 1.0).float()
+
+    @staticmethod
+    def _posterior(x0: torch.Tensor, x_t: torch.Tensor, ab_t: torch.Tensor, ab_s: torch.Tensor) -> torch.Tensor:
+        """``theta_1 / (theta_0 + theta_1)`` of :meth:`posterior` (float64 in, float32 in [0, 1] out)."""
         a_ts = ab_t / ab_s
         theta_1 = (a_ts * x_t + (1 - a_ts) / 2) * (ab_s * x0 + (1 - ab_s) / 2)
         theta_0 = (a_ts * (1 - x_t) + (1 - a_ts) / 2) * (ab_s * (1 - x0) + (1 - ab_s) / 2)
-        prob = theta_1 / (theta_0 + theta_1)
-        if torch.any(last):
-            prob = torch.where(last.reshape(last.shape + (1,) * (x0.ndim - last.ndim)), x0, prob)
-        return prob.clamp(0.0, 1.0).float()
+        return (theta_1 / (theta_0 + theta_1)).clamp(0.0, 1.0).float()
 
     def step(
         self,
@@ -263,6 +287,11 @@ class BernoulliScheduler(Scheduler):
             return (x0_prob > 0.5).to(sample.dtype), x0_prob
         prob = self.posterior(x0_prob, sample, int(timestep), prev_t)
         return bernoulli(prob, generator).to(sample.dtype), x0_prob
+
+
+def _is_int(value: object) -> bool:
+    """A Python or NumPy integer (not a tensor, not a bool)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def bernoulli(prob: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
