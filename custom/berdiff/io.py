@@ -34,6 +34,7 @@ __all__ = [
     "load_datalist",
     "inference_datalist",
     "check_checkpoint",
+    "float_map_writers",
 ]
 
 _NIFTI_EXT = re.compile(r"\.nii(\.gz)?$", flags=re.IGNORECASE)
@@ -267,3 +268,31 @@ def check_checkpoint(path: os.PathLike | str, allow_random_weights: bool = False
         f"model weights not found: {path}. Train the bundle or download models/model.pt, pass --ckpt_path <file>, "
         "or (tests/debugging only) --allow_random_weights True."
     )
+
+
+def float_map_writers(names: Sequence[str], output_dir: os.PathLike | str) -> list:
+    """
+    One ``SaveImaged`` per key in ``names``: float32 ``<case>_<name>.nii.gz`` in ``output_dir``, written atomically
+    (the inference bundle's latent and autoencoder-only maps, whose number depends on its options).
+
+    Args:
+        names: keys of the maps to write; each is also the file postfix.
+        output_dir: output folder.
+    """
+    import numpy as np
+    from monai.transforms import SaveImaged
+
+    return [
+        SaveImaged(
+            keys=name,
+            output_dir=output_dir,
+            output_postfix=name,
+            output_dtype=np.float32,
+            resample=False,
+            separate_folder=False,
+            print_log=False,
+            writer=AtomicNibabelWriter,
+            output_name_formatter=case_name_formatter,
+        )
+        for name in names
+    ]
