@@ -34,7 +34,6 @@ __all__ = [
     "load_datalist",
     "inference_datalist",
     "check_checkpoint",
-    "float_map_writers",
 ]
 
 _NIFTI_EXT = re.compile(r"\.nii(\.gz)?$", flags=re.IGNORECASE)
@@ -269,30 +268,3 @@ def check_checkpoint(path: os.PathLike | str, allow_random_weights: bool = False
         "or (tests/debugging only) --allow_random_weights True."
     )
 
-
-def float_map_writers(names: Sequence[str], output_dir: os.PathLike | str) -> list:
-    """
-    One ``SaveImaged`` per key in ``names``: float32 ``<case>_<name>.nii.gz`` in ``output_dir``, written atomically
-    (the inference bundle's latent and autoencoder-only maps, whose number depends on its options).
-
-    Args:
-        names: keys of the maps to write; each is also the file postfix.
-        output_dir: output folder.
-    """
-    import numpy as np
-    from monai.transforms import SaveImaged
-
-    return [
-        SaveImaged(
-            keys=name,
-            output_dir=output_dir,
-            output_postfix=name,
-            output_dtype=np.float32,
-            resample=False,
-            separate_folder=False,
-            print_log=False,
-            writer=AtomicNibabelWriter,
-            output_name_formatter=case_name_formatter,
-        )
-        for name in names
-    ]
