@@ -267,4 +267,3 @@ def check_checkpoint(path: os.PathLike | str, allow_random_weights: bool = False
         f"model weights not found: {path}. Train the bundle or download models/model.pt, pass --ckpt_path <file>, "
         "or (tests/debugging only) --allow_random_weights True."
     )
-
