@@ -61,7 +61,7 @@ class AnomalyReference(StrEnum):
 
 
 class LatentReduction(StrEnum):
-    """How the flip probability is reduced over the latent channels for ``latent_flip_map``."""
+    """How the flip probability is reduced over the latent channels for ``latent_flip_probability``."""
 
     MEAN = "mean"
     MAX = "max"
@@ -152,7 +152,7 @@ class MaskedBernoulliInferer(Inferer):
         num_inference_steps: K, the number of denoising steps (network calls); L when None.
         final_code: a :class:`FinalCode`.
         masked: False switches the masking off (plain partial denoising, the "unmasked" ablation).
-        latent_reduction: a :class:`LatentReduction` over latent channels for ``latent_flip_map``.
+        latent_reduction: a :class:`LatentReduction` over latent channels for ``latent_flip_probability``.
         anomaly_reference: an :class:`AnomalyReference`: what ``anomaly_map`` compares the reconstruction with.
         step_posterior: a :class:`StepPosterior`: how each reverse step uses the soft estimate of ``x_0``.
     """
