@@ -7,7 +7,9 @@ import os
 import tempfile
 import unittest
 
-from berdiff.demo import default_bundle_dir, demo
+from pathlib import Path
+
+from berdiff.demo import _headline, default_bundle_dir, demo
 
 
 class TestDemo(unittest.TestCase):
@@ -50,6 +52,18 @@ class TestDemo(unittest.TestCase):
             with self.assertRaisesRegex(ValueError, "step_posterior|exact"):
                 demo(out=os.path.join(tmp, "d"), step_posterior="exact")
             self.assertFalse(os.path.exists(os.path.join(tmp, "d")))
+
+    def test_headline_shows_method_beside_autoencoder_only(self):
+        def b(auroc, auprc):
+            return {"protocol_b": {"auroc": {"mean": auroc}, "auprc": {"mean": auprc}}}
+
+        maps = {"anomaly": b(0.91, 0.32), "autoencoder": b(0.88, 0.25), "latent_code_change": b(0.7, 0.05),
+                "latent_flip_probability": b(0.3, 0.01)}
+        text = _headline({"maps": maps}, Path("out"), {"total": 60.0}, ["code_change"])
+        self.assertIn("pixel AUROC: 0.910 vs 0.880", text)
+        self.assertIn("pixel AUPRC: 0.320 vs 0.250", text)
+        self.assertIn("latent_code_change *: AUROC 0.700", text)
+        self.assertIn("latent_flip_probability: AUROC 0.300", text)
 
     def test_bundle_found(self):
         self.assertTrue((default_bundle_dir() / "configs" / "inference.yaml").is_file())

@@ -322,10 +322,11 @@ def _headline(metrics: dict, out_dir: Path, timings: dict[str, float], default_l
         f"  pixel AUROC: {_fmt(_mean(vol, 'auroc'))} vs {_fmt(_mean(ae_vol, 'auroc'))}",
         f"  pixel AUPRC: {_fmt(_mean(vol, 'auprc'))} vs {_fmt(_mean(ae_vol, 'auprc'))}",
     ]
-    for name in default_latent:
-        lat = maps.get(f"latent_{name}", {}).get("protocol_b", {})
-        lines.append(
-            f"latent map {name} (bundle default): pixel AUROC {_fmt(_mean(lat, 'auroc'))}, "
-            f"AUPRC {_fmt(_mean(lat, 'auprc'))} per volume"
-        )
+    latent = [m for m in maps if m.startswith("latent_")]
+    if latent:
+        lines.append("latent maps, per volume inside the brain (0.5 = chance; * = written by the bundle by default):")
+    for name in latent:
+        lat = maps[name].get("protocol_b", {})
+        star = " *" if name[len("latent_"):] in default_latent else ""
+        lines.append(f"  {name}{star}: AUROC {_fmt(_mean(lat, 'auroc'))}, AUPRC {_fmt(_mean(lat, 'auprc'))}")
     return "\n".join(lines)
