@@ -10,7 +10,9 @@ import re
 import tempfile
 import unittest
 
-from berdiff.demo import default_bundle_dir, demo
+from pathlib import Path
+
+from berdiff.demo import _headline, default_bundle_dir, demo
 
 
 class TestDemo(unittest.TestCase):
@@ -37,13 +39,17 @@ class TestDemo(unittest.TestCase):
             cases = [c.replace("_seg.nii.gz", "") for c in summary["test_cases"]]
             self.assertTrue(cases)
             for case in cases:
-                for suffix in ("anomaly", "anomaly_mask", "latent_flip", "reconstruction"):
+                for suffix in ("anomaly", "anomaly_mask", "autoencoder", "latent_code_change", "latent_mask_fraction",
+                               "latent_changed_bits", "latent_flip_probability", "reconstruction"):
                     self.assertTrue(os.path.isfile(os.path.join(out, "maps", f"{case}_{suffix}.nii.gz")), suffix)
             self.assertTrue(os.path.isfile(os.path.join(out, "model", "models", "model.pt")))
             with open(os.path.join(out, "metrics.json")) as f:
                 metrics = json.load(f)
             self.assertEqual(metrics["n_cases"], len(cases))
             self.assertIn("protocol_b", metrics["maps"]["anomaly"])
+            # the autoencoder-only map and every latent map are scored beside the anomaly map
+            for name in ("autoencoder", "latent_code_change", "latent_flip_probability"):
+                self.assertIn("auroc", metrics["maps"][name]["protocol_b"], name)
             self.assertLessEqual({"train_autoencoder", "train_diffusion", "inference"}, set(summary["timings_s"]))
 
     def test_refuses_to_replace_without_overwrite(self):
@@ -53,6 +59,24 @@ class TestDemo(unittest.TestCase):
             with self.assertRaises(FileExistsError):
                 demo(out=tmp, overwrite=False)
             self.assertTrue(os.path.isfile(os.path.join(tmp, "keep.txt")))
+
+    def test_bad_option_fails_before_training(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            with self.assertRaisesRegex(ValueError, "step_posterior|exact"):
+                demo(out=os.path.join(tmp, "d"), step_posterior="exact")
+            self.assertFalse(os.path.exists(os.path.join(tmp, "d")))
+
+    def test_headline_shows_method_beside_autoencoder_only(self):
+        def b(auroc, auprc):
+            return {"protocol_b": {"auroc": {"mean": auroc}, "auprc": {"mean": auprc}}}
+
+        maps = {"anomaly": b(0.91, 0.32), "autoencoder": b(0.88, 0.25), "latent_code_change": b(0.7, 0.05),
+                "latent_flip_probability": b(0.3, 0.01)}
+        text = _headline({"maps": maps}, Path("out"), {"total": 60.0}, ["code_change"])
+        self.assertIn("pixel AUROC: 0.910 vs 0.880", text)
+        self.assertIn("pixel AUPRC: 0.320 vs 0.250", text)
+        self.assertIn("latent_code_change *: AUROC 0.700", text)
+        self.assertIn("latent_flip_probability: AUROC 0.300", text)
 
     def test_bundle_found(self):
         self.assertTrue((default_bundle_dir() / "configs" / "inference.yaml").is_file())

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["BUNDLE_NAME", "DemoSummary", "default_bundle_dir", "demo"]
@@ -100,15 +101,19 @@ def demo(
     prob_threshold: float = 0.5,
     num_inference_steps: int = 10,
     sw_batch_size: int = 16,
+    anomaly_reference: str = "input",
+    step_posterior: str = "marginal",
     bundle: str | None = None,
     overwrite: bool = True,
 ) -> DemoSummary:
     """
     Run the whole job on built-in synthetic brain MRI and write ``out``: ``data/`` (generated BraTS-layout volumes),
     ``prepared/`` (slices and datalists), ``model/`` (stage checkpoints and ``models/model.pt``), ``maps/``
-    (``<case>_anomaly.nii.gz``, ``<case>_anomaly_mask.nii.gz``, ``<case>_latent_flip.nii.gz``,
-    ``<case>_reconstruction.nii.gz``, ``run_summary.json``), ``metrics.json``, ``per_case.csv``, ``overview.png``
-    and ``demo_summary.json`` (timings and settings). Prints where the files are and the headline metrics.
+    (``<case>_anomaly.nii.gz``, ``<case>_anomaly_mask.nii.gz``, ``<case>_reconstruction.nii.gz``, the
+    autoencoder-only map ``<case>_autoencoder.nii.gz`` and every latent map ``<case>_latent_<name>.nii.gz``,
+    ``run_summary.json``), ``metrics.json`` (every map scored), ``per_case.csv``, ``overview.png`` and
+    ``demo_summary.json`` (timings and settings). Prints where the files are and the headline metrics of the method's
+    anomaly map beside the autoencoder-only map (what the diffusion model adds) and the bundle's default latent map.
 
     Args:
         out: output folder.
@@ -134,6 +139,8 @@ def demo(
         prob_threshold: P.
         num_inference_steps: K (strided schedule from L - 1 to 0).
         sw_batch_size: slices per network call at inference.
+        anomaly_reference: what the anomaly map compares the reconstruction with (``berdiff.inferers.AnomalyReference``).
+        step_posterior: reverse step from the soft ``x0`` estimate (``berdiff.inferers.StepPosterior``).
         bundle: the brain MRI bundle folder (default: the one in this repository checkout).
         overwrite: replace the output of an earlier demo run in ``out`` (any other non-empty folder is refused).
     """
@@ -160,7 +167,17 @@ def demo(
     from sklearn.model_selection import train_test_split
 
     from berdiff.evaluation import evaluate
+    from berdiff.inferers import LatentMap
 
+    from monai.utils import look_up_option
+
+    from berdiff.inferers import AnomalyReference, StepPosterior
+
+    # checked before any training, so that a typo does not cost the training time
+    anomaly_reference = look_up_option(anomaly_reference, AnomalyReference)
+    step_posterior = look_up_option(step_posterior, StepPosterior)
+    if train_max_timestep is not None and train_max_timestep < noise_level:
+        raise ValueError(f"train_max_timestep ({train_max_timestep}) must be >= noise_level ({noise_level}).")
     t_total = time.perf_counter()
     bundle_dir = Path(bundle) if bundle else default_bundle_dir()
     configs = bundle_dir / "configs"
@@ -267,7 +284,10 @@ def demo(
            "--preset", preset, "--spatial_size", f"[{spatial_size}, {spatial_size}]",
            "--noise_level", str(noise_level), "--prob_threshold", str(prob_threshold),
            "--num_inference_steps", str(num_inference_steps), "--sw_batch_size", str(sw_batch_size),
-           "--save_reconstruction", "True", "--progress", "False", "--seed", str(seed)],
+           "--save_reconstruction", "True", "--progress", "False", "--seed", str(seed),
+           "--anomaly_reference", str(anomaly_reference), "--step_posterior", str(step_posterior),
+           # every latent map and the autoencoder-only map, to score them beside the anomaly map
+           "--latent_maps", "[" + ",".join(m.value for m in LatentMap) + "]", "--save_autoencoder_map", "True"],
         logs_dir / "inference.log",
         env,
         echo=("inference:",),
@@ -291,13 +311,14 @@ def demo(
             "seed": seed, "spacing": spacing, "preset": preset, "spatial_size": spatial_size,
             "slice_range": [slice_start, slice_stop], "ae_epochs": ae_epochs, "diffusion_epochs": diffusion_epochs,
             "train_max_timestep": train_max_timestep, "noise_level": noise_level, "prob_threshold": prob_threshold,
-            "num_inference_steps": num_inference_steps,
+            "num_inference_steps": num_inference_steps, "anomaly_reference": str(anomaly_reference),
+            "step_posterior": str(step_posterior),
         },
         "metrics": metrics,
     }
     with open(out_dir / "demo_summary.json", "w") as f:
         json.dump(summary, f, indent=2, default=lambda o: None)
-    print(_headline(metrics, out_dir, timings), flush=True)
+    print(_headline(metrics, out_dir, timings, _bundle_latent_maps(bundle_dir)), flush=True)
     return DemoSummary(summary)
 
 
@@ -316,9 +337,23 @@ def _mean(section: dict, key: str) -> float | None:
     return None if value is None or value != value else float(value)
 
 
-def _headline(metrics: dict, out_dir: Path, timings: dict[str, float]) -> str:
-    anomaly = metrics.get("maps", {}).get("anomaly", {})
+def _bundle_latent_maps(bundle_dir: Path) -> list[str]:
+    """The latent maps the bundle writes by default (``latent_maps`` of its inference config)."""
+    import yaml
+
+    try:
+        with open(bundle_dir / "configs" / "inference.yaml") as f:
+            value = yaml.safe_load(f).get("latent_maps") or []
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def _headline(metrics: dict, out_dir: Path, timings: dict[str, float], default_latent: Sequence[str] = ()) -> str:
+    maps = metrics.get("maps", {})
+    anomaly = maps.get("anomaly", {})
     vol, sl = anomaly.get("protocol_b", {}), anomaly.get("protocol_a", {})
+    ae_vol = maps.get("autoencoder", {}).get("protocol_b", {})
     lines = [
         "",
         f"demo finished in {timings['total'] / 60:.1f} min; outputs in {out_dir}",
@@ -332,5 +367,15 @@ def _headline(metrics: dict, out_dir: Path, timings: dict[str, float]) -> str:
         f"  Dice, reference per-slice protocol A:      {_fmt(_mean(sl, 'dice'))}",
         f"  pixel AUROC per slice, protocol A:         {_fmt(_mean(sl, 'auroc'))}",
         f"  slice detection AUROC:                     {_fmt(anomaly.get('slice_detection', {}).get('auroc'))}",
+        "what the diffusion model adds (per volume, inside the brain): method's anomaly map vs autoencoder only",
+        f"  pixel AUROC: {_fmt(_mean(vol, 'auroc'))} vs {_fmt(_mean(ae_vol, 'auroc'))}",
+        f"  pixel AUPRC: {_fmt(_mean(vol, 'auprc'))} vs {_fmt(_mean(ae_vol, 'auprc'))}",
     ]
+    latent = [m for m in maps if m.startswith("latent_")]
+    if latent:
+        lines.append("latent maps, per volume inside the brain (0.5 = chance; * = written by the bundle by default):")
+    for name in latent:
+        lat = maps[name].get("protocol_b", {})
+        star = " *" if name[len("latent_"):] in default_latent else ""
+        lines.append(f"  {name}{star}: AUROC {_fmt(_mean(lat, 'auroc'))}, AUPRC {_fmt(_mean(lat, 'auprc'))}")
     return "\n".join(lines)

@@ -53,8 +53,20 @@ from berdiff.transforms import MAX_VOXELS
 
 __all__ = ["MAP_KEYS", "EvaluationResult", "evaluate", "evaluate_arrays", "find_cases", "load_threshold"]
 
-#: case-dict keys of the maps that are scored, in order (``score`` is the anomaly map)
-MAP_KEYS = {"anomaly": "score", "latent_flip": "latent_flip"}
+#: case-dict keys of the maps that are scored, in order (``score`` is the anomaly map). Every map but the anomaly map
+#: is optional and read from ``<case>_<name>.nii.gz``: the autoencoder-only map, the latent maps of
+#: ``berdiff.inferers.LatentMap`` and ``latent_flip`` (the former name of ``latent_flip_probability``).
+MAP_KEYS = {
+    "anomaly": "score",
+    "autoencoder": "autoencoder",
+    "latent_code_change": "latent_code_change",
+    "latent_mask_fraction": "latent_mask_fraction",
+    "latent_changed_bits": "latent_changed_bits",
+    "latent_flip_probability": "latent_flip_probability",
+    "latent_flip": "latent_flip",
+}
+#: the optional maps (case key = map name = file postfix)
+_EXTRA_MAPS = tuple(k for k in MAP_KEYS if k != "anomaly")
 
 _NII = (".nii.gz", ".nii")
 #: trailing name tokens ignored when matching case names (modalities, segmentation, generic image/label names)
@@ -177,11 +189,15 @@ def _score_case(
     gt = label > 0
     image = _channel_first(case.get("image"), score.shape, f"case {name!r}: image")
     recon = _channel_first(case.get("recon"), score.shape, f"case {name!r}: recon")
-    flip = case.get("latent_flip")
-    if flip is not None:
-        flip = _squeeze_to_3d(np.asarray(flip), f"case {name!r}: latent_flip")
-        if flip.shape != score.shape:
-            raise ValueError(f"case {name!r}: latent_flip has shape {flip.shape} but score has shape {score.shape}.")
+    extra: dict[str, np.ndarray] = {}
+    for key in _EXTRA_MAPS:
+        if case.get(key) is None:
+            continue
+        extra[key] = _squeeze_to_3d(np.asarray(case[key]), f"case {name!r}: {key}")
+        if extra[key].shape != score.shape:
+            raise ValueError(f"case {name!r}: {key} has shape {extra[key].shape} but score has shape {score.shape}.")
+        if not np.isfinite(extra[key]).all():
+            raise ValueError(f"case {name!r}: {key} contains NaN or infinite values.")
     brain = case.get("brain_mask")
     if use_brain_mask is False:
         brain = None
@@ -198,7 +214,7 @@ def _score_case(
     row: dict[str, Any] = {"case": name, "tumour_voxels": int(gt.sum()), "brain_mask": brain is not None}
     maps: dict[str, dict] = {}
     for map_name, key in MAP_KEYS.items():
-        vol = score if key == "score" else flip
+        vol = score if key == "score" else extra.get(key)
         if vol is None:
             continue
         a = per_slice_protocol(vol, gt, axis=ax, min_component=min_component_2d, median_size=median_size_2d)
@@ -236,6 +252,7 @@ def _score_case(
         "image": _figure_slice(image, figure_channel, ax, z),
         "recon": _figure_slice(recon, figure_channel, ax, z),
         "score": np.take(score, z, axis=ax).astype(np.float32),
+        "autoencoder": np.take(extra["autoencoder"], z, axis=ax).astype(np.float32) if "autoencoder" in extra else None,
         "label": np.take(gt, z, axis=ax),
         "slice": z,
     }
@@ -377,6 +394,8 @@ def _figure_png(scored: list[dict], rank_key: str) -> bytes:
         else:
             rows.append((tag, c))
     columns = [("input", "image", "gray"), ("reconstruction", "recon", "gray"), ("anomaly map", "score", "inferno")]
+    if any(c["figure"].get("autoencoder") is not None for _, c in rows):
+        columns.append(("autoencoder-only map", "autoencoder", "inferno"))
     columns.append(("ground truth", "label", "gray"))
     fig = Figure(figsize=(3.0 * len(columns), 3.0 * len(rows)))
     axes = fig.subplots(len(rows), len(columns), squeeze=False)
@@ -385,7 +404,7 @@ def _figure_png(scored: list[dict], rank_key: str) -> bytes:
             ax = axes[r][k]
             ax.set_xticks([])
             ax.set_yticks([])
-            arr = c["figure"][key]
+            arr = c["figure"].get(key)
             if arr is None:
                 ax.text(0.5, 0.5, "not available", ha="center", va="center", transform=ax.transAxes)
             else:
@@ -500,7 +519,8 @@ def evaluate_arrays(
             * ``score``: 3D anomaly map (a singleton channel dimension is squeezed);
             * ``label``: 3D ground truth, same shape (``> 0`` is anomalous);
             * optional ``name``; ``image`` and ``recon`` (3D, or 4D channel-first or channel-last), used for the
-              figure, for PSNR and (``image``) for the brain mask; ``latent_flip`` (3D map, scored like ``score``);
+              figure, for PSNR and (``image``) for the brain mask; any of the other :data:`MAP_KEYS` (3D maps, scored like
+              ``score``, e.g. ``autoencoder``: the autoencoder-only map, shown in the figure too);
               ``brain_mask`` (3D, overrides the mask derived from ``image``).
         threshold: threshold of protocol B for the anomaly map (``None``: only best Dice, AUROC, AUPRC).
         threshold_source: how the threshold was chosen, for the record.
@@ -660,7 +680,7 @@ def find_cases(
     stacked as channels in the order t1, t1ce, t2, flair.
 
     Returns:
-        list of dicts with ``name``, ``score`` (path), ``label`` (path), optional ``recon``, ``latent_flip`` and
+        list of dicts with ``name``, ``score`` (path), ``label`` (path), optional ``recon``, the other :data:`MAP_KEYS` and
         ``image`` (list of paths).
 
     Raises:
@@ -676,7 +696,8 @@ def find_cases(
     if not maps:
         raise FileNotFoundError(f"no anomaly maps '*{map_suffix}.nii.gz' found under {pred_dir}")
     recons = _index_by_suffix(pred_dir, recon_suffix, "reconstruction") if recon_suffix else {}
-    flips = _index_by_suffix(pred_dir, flip_suffix, "latent flip map") if flip_suffix else {}
+    extras = {k: _index_by_suffix(pred_dir, f"_{k}", f"{k} map") for k in _EXTRA_MAPS if k != "latent_flip"}
+    extras["latent_flip"] = _index_by_suffix(pred_dir, flip_suffix, "latent flip map") if flip_suffix else {}
     if label_path.is_dir():
         labels = _index_by_suffix(label_path, label_suffix, "label")
     else:
@@ -720,7 +741,7 @@ def find_cases(
                 f"shape mismatch for case {case!r}: anomaly map {maps[case]} has shape {shape} but label "
                 f"{labels[lab]} has shape {lab_shape}."
             )
-        for key, index, what in (("recon", recons, "reconstruction"), ("latent_flip", flips, "latent flip map")):
+        for key, index, what in (("recon", recons, "reconstruction"), *((k, extras[k], f"{k} map") for k in extras)):
             if case in index:
                 other = _header_shape(index[case], what)
                 if other[:3] != shape and other[1:4] != shape:
@@ -775,8 +796,9 @@ def _load_case(entry: Mapping[str, Any]) -> dict[str, Any]:
         "label": _squeeze_to_3d(_load(entry["label"], "label"), f"label {entry['label']}"),
     }
     _check_label_values(case["label"], entry["label"])
-    if "latent_flip" in entry:
-        case["latent_flip"] = _load(entry["latent_flip"], "latent flip map")
+    for key in _EXTRA_MAPS:
+        if key in entry:
+            case[key] = _load(entry[key], f"{key} map")
     if "recon" in entry:
         case["recon"] = _load(entry["recon"], "reconstruction")
     if "image" in entry:
@@ -819,7 +841,8 @@ def evaluate(
 
     Args:
         pred: folder of ``<case>_anomaly.nii.gz`` (optionally ``<case>_reconstruction.nii.gz`` and
-            ``<case>_latent_flip.nii.gz``), searched recursively.
+            ``<case>_<name>.nii.gz`` for the other maps of :data:`MAP_KEYS`, e.g. ``_autoencoder``,
+            ``_latent_code_change``), searched recursively.
         label: folder of ``<case>_seg.nii.gz`` (searched recursively), or a JSON datalist with ``"label"`` entries.
         out: output folder (default ``<pred>/evaluation``).
         image: optional folder of input images (BraTS ``<case>/<case>_flair.nii.gz`` ...): shown in the figure and

@@ -20,7 +20,16 @@ from monai.utils import StrEnum
 
 from berdiff.schedulers import BernoulliScheduler, bernoulli, uniform_like
 
-__all__ = ["AnomalyReference", "FinalCode", "LatentReduction", "MaskedBernoulliInferer"]
+__all__ = [
+    "AnomalyReference",
+    "FinalCode",
+    "LATENT_MAP_KEYS",
+    "LatentMap",
+    "LatentReduction",
+    "MaskedBernoulliInferer",
+    "StepPosterior",
+    "latent_map_keys",
+]
 
 GeneratorLike = torch.Generator | Sequence[torch.Generator] | None
 
@@ -52,10 +61,75 @@ class AnomalyReference(StrEnum):
 
 
 class LatentReduction(StrEnum):
-    """How the flip probability is reduced over the latent channels for ``latent_flip_map``."""
+    """How the flip probability is reduced over the latent channels for ``latent_flip_probability``."""
 
     MEAN = "mean"
     MAX = "max"
+
+
+class StepPosterior(StrEnum):
+    """
+    How a reverse step turns the network's soft estimate ``x0_hat = P(x_0 = 1 | x_t)`` into ``P(x_s = 1 | x_t)``.
+
+    marginal: ``x0_hat q(x_s = 1 | x_t, x_0 = 1) + (1 - x0_hat) q(x_s = 1 | x_t, x_0 = 0)``, the exact reverse step
+        of a denoiser trained (with BCE) to predict ``P(x_0 | x_t)``: ancestral sampling then draws from the model's
+        distribution of clean codes.
+    plug_in: ``q(x_s = 1 | x_t, x_0 = x0_hat)``, the soft estimate plugged into the binary posterior formula (the
+        reference implementation). It weighs each candidate ``x_0`` by ``q(x_t | x_0)`` once more, so it favours
+        keeping the bits of ``x_t``: in the masked inference, anomalous input bits are healed less often and noised
+        healthy bits are kept more often than the denoiser predicts.
+    """
+
+    MARGINAL = "marginal"
+    PLUG_IN = "plug_in"
+
+
+class LatentMap(StrEnum):
+    """
+    Latent anomaly scores of :class:`MaskedBernoulliInferer`, each a map (B, 1, ...) in [0, 1] resized to the image;
+    the output dict holds each under ``"latent_" + value``.
+
+    code_change: the probability that the predicted healthy code differs from the input code, ``|x0_hat - z_in|``
+        averaged over the latent channels and the K steps (``x0_hat`` is the network's soft estimate of the clean
+        code at each step, so ``|x0_hat - z_in|`` is the probability of a bit that differs from the input's).
+    mask_fraction: the share of latent channels in the final mask (bits the masked inference allowed to change).
+    changed_bits: the share of latent channels whose final code differs from the input code (``|code - z_in|`` for
+        ``final_code="soft"``).
+    flip_probability: the predicted flip probability of the noisy code ``x_t``, reduced over channels (see
+        :class:`LatentReduction`) and averaged over the K steps (the paper's latent map; it mostly measures the
+        noise injected at each step, not the input's anomalous bits).
+    """
+
+    CODE_CHANGE = "code_change"
+    MASK_FRACTION = "mask_fraction"
+    CHANGED_BITS = "changed_bits"
+    FLIP_PROBABILITY = "flip_probability"
+
+
+#: output-dict keys of the latent maps, in :class:`LatentMap` order
+LATENT_MAP_KEYS = tuple(f"latent_{m.value}" for m in LatentMap)
+
+
+def latent_map_keys(latent_maps: str | Sequence[str] | None) -> list[str]:
+    """
+    Validated output-dict keys (``latent_<name>``) of the latent maps named in ``latent_maps`` (a :class:`LatentMap`
+    value, a list of them, or None / ``"none"`` / an empty list for no latent map), in the given order.
+
+    Raises:
+        ValueError: an unknown or repeated name.
+    """
+    if latent_maps is None:
+        return []
+    names = [latent_maps] if isinstance(latent_maps, str) else list(latent_maps)
+    if names == ["none"]:
+        return []
+    allowed = [m.value for m in LatentMap]
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise ValueError(f"unknown latent map(s) {bad}; choose from {allowed} (or 'none').")
+    if len(set(names)) != len(names):
+        raise ValueError(f"latent maps must not repeat, got {names}.")
+    return [f"latent_{n}" for n in names]
 
 
 class MaskedBernoulliInferer(Inferer):
@@ -78,8 +152,9 @@ class MaskedBernoulliInferer(Inferer):
         num_inference_steps: K, the number of denoising steps (network calls); L when None.
         final_code: a :class:`FinalCode`.
         masked: False switches the masking off (plain partial denoising, the "unmasked" ablation).
-        latent_reduction: a :class:`LatentReduction` over latent channels for ``latent_flip_map``.
+        latent_reduction: a :class:`LatentReduction` over latent channels for ``latent_flip_probability``.
         anomaly_reference: an :class:`AnomalyReference`: what ``anomaly_map`` compares the reconstruction with.
+        step_posterior: a :class:`StepPosterior`: how each reverse step uses the soft estimate of ``x_0``.
     """
 
     def __init__(
@@ -92,6 +167,7 @@ class MaskedBernoulliInferer(Inferer):
         masked: bool = True,
         latent_reduction: str = LatentReduction.MEAN,
         anomaly_reference: str = AnomalyReference.INPUT,
+        step_posterior: str = StepPosterior.MARGINAL,
     ) -> None:
         super().__init__()
         if not isinstance(scheduler, BernoulliScheduler):
@@ -108,6 +184,10 @@ class MaskedBernoulliInferer(Inferer):
                 f"anomaly_reference must be one of {list(AnomalyReference.__members__.values())}, "
                 f"got {anomaly_reference!r}."
             )
+        if step_posterior not in StepPosterior.__members__.values():
+            raise ValueError(
+                f"step_posterior must be one of {list(StepPosterior.__members__.values())}, got {step_posterior!r}."
+            )
         if not 0.0 <= float(prob_threshold) <= 1.0:
             raise ValueError(f"prob_threshold (P) must be in [0, 1], got {prob_threshold}.")
         self.scheduler = scheduler
@@ -116,6 +196,7 @@ class MaskedBernoulliInferer(Inferer):
         self.masked = bool(masked)
         self.latent_reduction = LatentReduction(latent_reduction)
         self.anomaly_reference = AnomalyReference(anomaly_reference)
+        self.step_posterior = StepPosterior(step_posterior)
         self.noise_level = int(noise_level)
         self.num_inference_steps = self.noise_level if num_inference_steps is None else int(num_inference_steps)
         # validates 1 <= K <= L <= T
@@ -125,6 +206,13 @@ class MaskedBernoulliInferer(Inferer):
         if self.latent_reduction == LatentReduction.MAX:
             return flip.amax(dim=1, keepdim=True)
         return flip.mean(dim=1, keepdim=True)
+
+    def _posterior(self, x0_prob: torch.Tensor, x: torch.Tensor, t: int, s: int) -> torch.Tensor:
+        if self.step_posterior == StepPosterior.PLUG_IN:
+            return self.scheduler.posterior(x0_prob, x, t, s)
+        one = self.scheduler.posterior(torch.ones_like(x0_prob), x, t, s)
+        zero = self.scheduler.posterior(torch.zeros_like(x0_prob), x, t, s)
+        return (x0_prob * one + (1.0 - x0_prob) * zero).clamp(0.0, 1.0)
 
     @torch.no_grad()
     def __call__(  # type: ignore[override]
@@ -144,9 +232,13 @@ class MaskedBernoulliInferer(Inferer):
 
         Returns:
             a dict with ``reconstruction`` (B, C, ...), ``anomaly_map`` (B, 1, ...): the squared residual summed over
-            channels (against the input, or the autoencoder's reconstruction, see ``anomaly_reference``), ``latent_flip_map`` (B, 1, ...): the predicted flip probability reduced over latent channels
-            and averaged over steps, resized to the image, ``mask`` (B, latent_channels, ...): the final latent mask,
-            ``input_code`` and ``code``: the input's and the output's latent codes.
+            channels (against the input, or the autoencoder's reconstruction, see ``anomaly_reference``),
+            ``autoencoder_map`` (B, 1, ...): the autoencoder-only map ``sum_c (D(z_in) - x)^2`` (what the map would be
+            without the diffusion model), the latent maps ``latent_code_change``, ``latent_mask_fraction``,
+            ``latent_changed_bits``, ``latent_flip_probability`` (B, 1, ...; see :class:`LatentMap`), resized to the
+            image, ``latent_flip_map``: the same tensor as ``latent_flip_probability`` (its former name), ``mask``
+            (B, latent_channels, ...): the final latent mask, ``input_code`` and ``code``: the input's and the
+            output's latent codes.
         """
         if not torch.is_floating_point(inputs):
             raise TypeError(f"inputs must be a floating point tensor, got {inputs.dtype}.")
@@ -158,12 +250,14 @@ class MaskedBernoulliInferer(Inferer):
         x = self.scheduler.add_noise(z_in, uniform_like(z_in, generator), timesteps[0])
         mask = torch.zeros_like(z_in, dtype=torch.bool)
         flip_sum = torch.zeros((batch, 1, *z_in.shape[2:]), device=z_in.device, dtype=torch.float32)
+        change_sum = torch.zeros_like(flip_sum)
         code = z_in
         for i, t in enumerate(steps):
             logits = diffusion_model(x, timesteps=timesteps[i].expand(batch))
             flip = self.scheduler.predict_flip(logits, x)
             x0_hat = self.scheduler.predict_original(logits, x)
             flip_sum += self._reduce_channels(flip)
+            change_sum += (x0_hat - z_in).abs().mean(dim=1, keepdim=True)
             if self.masked:
                 mask |= flip > self.prob_threshold
                 x0_tilde = torch.where(mask, x0_hat, z_in)
@@ -171,24 +265,28 @@ class MaskedBernoulliInferer(Inferer):
                 mask.fill_(True)
                 x0_tilde = x0_hat
             if i + 1 < len(timesteps):
-                x = bernoulli(self.scheduler.posterior(x0_tilde, x, t, steps[i + 1]), generator)
+                x = bernoulli(self._posterior(x0_tilde, x, t, steps[i + 1]), generator)
             else:
                 code = (x0_tilde > 0.5).float() if self.final_code == FinalCode.BINARY else x0_tilde
         reconstruction = autoencoder.decode_stage_2_outputs(code).float().clamp(0.0, 1.0)
-        if self.anomaly_reference == AnomalyReference.AUTOENCODER:
-            reference = autoencoder.decode_stage_2_outputs(z_in).float().clamp(0.0, 1.0)
-        else:
-            reference = inputs.float()
+        ae_reconstruction = autoencoder.decode_stage_2_outputs(z_in).float().clamp(0.0, 1.0)
+        reference = ae_reconstruction if self.anomaly_reference == AnomalyReference.AUTOENCODER else inputs.float()
         anomaly_map = (reconstruction - reference).pow(2).sum(dim=1, keepdim=True)
+        autoencoder_map = (ae_reconstruction - inputs.float()).pow(2).sum(dim=1, keepdim=True)
         mode = "bilinear" if inputs.ndim == 4 else "trilinear"
-        latent_flip_map = F.interpolate(
-            flip_sum / len(timesteps), size=inputs.shape[2:], mode=mode, align_corners=False
-        )
-        return {
+        latent = {
+            LatentMap.CODE_CHANGE: change_sum / len(timesteps),
+            LatentMap.MASK_FRACTION: mask.float().mean(dim=1, keepdim=True),
+            LatentMap.CHANGED_BITS: (code.float() - z_in).abs().mean(dim=1, keepdim=True),
+            LatentMap.FLIP_PROBABILITY: flip_sum / len(timesteps),
+        }
+        outputs = {
             "reconstruction": reconstruction,
             "anomaly_map": anomaly_map,
-            "latent_flip_map": latent_flip_map,
-            "mask": mask,
-            "input_code": z_in,
-            "code": code,
+            "autoencoder_map": autoencoder_map,
         }
+        for name, value in latent.items():
+            outputs[f"latent_{name.value}"] = F.interpolate(value, size=inputs.shape[2:], mode=mode, align_corners=False)
+        outputs["latent_flip_map"] = outputs["latent_flip_probability"]
+        outputs.update({"mask": mask, "input_code": z_in, "code": code})
+        return outputs

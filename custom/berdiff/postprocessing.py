@@ -34,8 +34,8 @@ def _like(data: torch.Tensor, ref: Any) -> torch.Tensor:
 class SplitChannelsd(MapTransform):
     """
     Splits a channel-first tensor into named parts along the channel axis, e.g. the 6-channel output of
-    ``AnomalyPipeline(output_keys=("anomaly_map", "latent_flip_map", "reconstruction"))`` into ``anomaly`` (1),
-    ``latent_flip`` (1) and ``reconstruction`` (4). Parts keep the meta data of the source.
+    ``AnomalyPipeline(output_keys=("anomaly_map", "latent_code_change", "reconstruction"))`` into ``anomaly`` (1),
+    ``latent_code_change`` (1) and ``reconstruction`` (4). Parts keep the meta data of the source.
 
     Args:
         keys: the key to split (one key).

@@ -31,6 +31,18 @@ NON_RAS_AFFINE = np.array([[-1.2, 0, 0, 10.0], [0, 0, 2.5, -5.0], [0, -0.9, 0, 3
 HEAD = (slice(5, 25), slice(4, 24), slice(1, 5))
 
 
+def _default_latent_postfixes() -> list[str]:
+    import yaml
+
+    with open(CONFIG) as f:
+        value = yaml.safe_load(f)["latent_maps"] or []
+    return [f"latent_{v}" for v in ([value] if isinstance(value, str) else value)]
+
+
+#: file postfixes of the latent maps the bundle writes by default
+LATENT = _default_latent_postfixes()
+
+
 def make_model(folder: str) -> str:
     """A tiny random AnomalyPipeline saved as <folder>/models/model.pt."""
     torch.manual_seed(0)
@@ -131,14 +143,14 @@ class TestBratsInference(unittest.TestCase):
     def test_three_maps_per_case_named_by_case(self):
         self.assertEqual(
             nifti_outputs(self.out),
-            sorted(f"BraTS_00{i}_{p}.nii.gz" for i in (1, 2) for p in ("anomaly", "anomaly_mask", "latent_flip")),
+            sorted(f"BraTS_00{i}_{p}.nii.gz" for i in (1, 2) for p in ("anomaly", "anomaly_mask", *LATENT)),
         )
         self.assertEqual([f for f in os.listdir(self.out) if f.startswith(".")], [], "temporary files left")
 
     @parameterized.expand([("BraTS_001", np.eye(4)), ("BraTS_002", NON_RAS_AFFINE)])
     def test_geometry_and_dtypes(self, case, affine):
         ref = nib.load(os.path.join(self.data, case, f"{case}_t1.nii.gz"))
-        for postfix, dtype in (("anomaly", np.float32), ("anomaly_mask", np.uint8), ("latent_flip", np.float32)):
+        for postfix, dtype in (("anomaly", np.float32), ("anomaly_mask", np.uint8), *((p, np.float32) for p in LATENT)):
             img = nib.load(os.path.join(self.out, f"{case}_{postfix}.nii.gz"))
             self.assertEqual(img.shape, SHAPE)
             np.testing.assert_allclose(img.affine, ref.affine, atol=1e-5)
@@ -213,7 +225,7 @@ class TestBratsInferenceOptions(unittest.TestCase):
         )
         self.assertEqual(
             nifti_outputs(self.out),
-            [f"case7_{p}.nii.gz" for p in ("anomaly", "anomaly_mask", "latent_flip", "reconstruction")],
+            sorted(f"case7_{p}.nii.gz" for p in ("anomaly", "anomaly_mask", *LATENT, "reconstruction")),
         )
         amap = nib.load(os.path.join(self.out, "case7_anomaly.nii.gz")).get_fdata(dtype=np.float32)
         mask = np.asarray(nib.load(os.path.join(self.out, "case7_anomaly_mask.nii.gz")).dataobj)
@@ -231,7 +243,7 @@ class TestBratsInferenceOptions(unittest.TestCase):
     def test_all_zero_volume_gives_zero_maps(self):
         files = make_case(os.path.join(self.tmp, "data"), "empty", value=0.0)
         run_workflow(self.tmp, image=files)
-        for p in ("anomaly", "anomaly_mask", "latent_flip"):
+        for p in ("anomaly", "anomaly_mask", *LATENT):
             img = nib.load(os.path.join(self.out, f"empty_{p}.nii.gz"))
             self.assertEqual(img.shape, SHAPE)
             self.assertEqual(float(np.abs(img.get_fdata()).max()), 0.0)
@@ -266,7 +278,27 @@ class TestBratsInferenceOptions(unittest.TestCase):
         )
         self.assertFalse(os.path.exists(self.out) and nifti_outputs(self.out))
         run_workflow(self.tmp, image=files, ckpt_path=missing, allow_random_weights=True)
-        self.assertEqual(len(nifti_outputs(self.out)), 3)
+        self.assertEqual(len(nifti_outputs(self.out)), 2 + len(LATENT))
+
+    def test_latent_maps_and_autoencoder_map_options(self):
+        files = make_case(os.path.join(self.tmp, "data"), "opt", NON_RAS_AFFINE, seed=7)
+        run_workflow(self.tmp, image=files, latent_maps=["flip_probability", "mask_fraction"], save_autoencoder_map=True)
+        names = ("anomaly", "anomaly_mask", "autoencoder", "latent_flip_probability", "latent_mask_fraction")
+        self.assertEqual(nifti_outputs(self.out), sorted(f"opt_{p}.nii.gz" for p in names))
+        for p in names:
+            img = nib.load(os.path.join(self.out, f"opt_{p}.nii.gz"))
+            self.assertEqual(img.shape, SHAPE)
+            np.testing.assert_allclose(img.affine, NON_RAS_AFFINE, atol=1e-5)
+        for p in ("latent_flip_probability", "latent_mask_fraction"):
+            data = nib.load(os.path.join(self.out, f"opt_{p}.nii.gz")).get_fdata()
+            self.assertTrue(((data >= 0) & (data <= 1 + 1e-6)).all(), p)
+        with open(os.path.join(self.out, "run_summary.json")) as f:
+            self.assertEqual(json.load(f)["settings"]["latent_maps"], ["flip_probability", "mask_fraction"])
+        out2 = os.path.join(self.tmp, "out2")
+        run_workflow(self.tmp, image=files, latent_maps=[], output_dir=out2)
+        self.assertEqual(nifti_outputs(out2), ["opt_anomaly.nii.gz", "opt_anomaly_mask.nii.gz"])
+        assert_raises_cause(self, ValueError, "unknown latent map", run_workflow, self.tmp, image=files,
+                            latent_maps=["latent_flip"])
 
     def test_model_json_sets_preset_size_and_trained_range(self):
         """models/model.json (written by training) wins over the config's preset / spatial_size / T."""

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from berdiff.networks.anomaly_pipeline import PIPELINE_OUTPUT_KEYS, AnomalyPipeline
+from berdiff.networks.anomaly_pipeline import PIPELINE_OUTPUT_KEYS, AnomalyPipeline, bundle_output_layout
 from berdiff.networks.binary_autoencoder import BinarizationMode, BinaryAutoencoder, BinaryQuantizer
 from berdiff.networks.presets import (
     AUTOENCODER_PRESETS,
@@ -25,4 +25,5 @@ __all__ = [
     "DENOISER_PRESETS",
     "autoencoder_from_preset",
     "denoiser_from_preset",
+    "bundle_output_layout",
 ]

@@ -15,13 +15,47 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from berdiff.inferers import AnomalyReference, FinalCode, GeneratorLike, LatentReduction, MaskedBernoulliInferer
+from berdiff.inferers import (
+    LATENT_MAP_KEYS,
+    AnomalyReference,
+    FinalCode,
+    GeneratorLike,
+    LatentReduction,
+    MaskedBernoulliInferer,
+    StepPosterior,
+    latent_map_keys,
+)
 from berdiff.schedulers import BernoulliScheduler
 
-__all__ = ["AnomalyPipeline", "PIPELINE_OUTPUT_KEYS", "slice_seeds"]
+__all__ = ["AnomalyPipeline", "PIPELINE_OUTPUT_KEYS", "bundle_output_layout", "slice_seeds"]
 
-#: keys of :meth:`AnomalyPipeline.run` that ``forward`` can concatenate along the channel axis.
-PIPELINE_OUTPUT_KEYS = ("anomaly_map", "latent_flip_map", "reconstruction")
+#: keys of :meth:`AnomalyPipeline.run` that ``forward`` can concatenate along the channel axis (one channel each,
+#: except ``reconstruction``: the image's channels). ``latent_flip_map`` is the former name of
+#: ``latent_flip_probability``.
+PIPELINE_OUTPUT_KEYS = ("anomaly_map", "autoencoder_map", *LATENT_MAP_KEYS, "latent_flip_map", "reconstruction")
+
+
+def bundle_output_layout(
+    latent_maps: str | Sequence[str] | None, save_autoencoder_map: bool, num_channels: int
+) -> dict[str, list]:
+    """
+    Channel layout of the inference bundle's pipeline output: ``keys`` (the pipeline's ``output_keys``), ``names``
+    (the post-processing keys, which are also the saved file postfixes) and ``sizes`` (channels of each), in the order
+    anomaly map, latent maps (``latent_<name>``), reconstruction, autoencoder-only map (when ``save_autoencoder_map``).
+
+    Args:
+        latent_maps: :class:`~berdiff.inferers.LatentMap` value(s) to write; None, ``"none"`` or ``[]`` for none.
+        save_autoencoder_map: also output the autoencoder-only map (``<case>_autoencoder``).
+        num_channels: image channels (of the reconstruction).
+
+    Raises:
+        ValueError: unknown or repeated latent map names.
+    """
+    latent = latent_map_keys(latent_maps)
+    keys = ["anomaly_map", *latent, "reconstruction"] + (["autoencoder_map"] if save_autoencoder_map else [])
+    names = ["anomaly", *latent, "reconstruction"] + (["autoencoder"] if save_autoencoder_map else [])
+    sizes = [1] * (1 + len(latent)) + [int(num_channels)] + ([1] if save_autoencoder_map else [])
+    return {"keys": keys, "names": names, "sizes": sizes}
 
 #: modulus of the content hash (the Mersenne prime 2**31 - 1) and the multipliers of its positional weights
 _HASH_MOD = 2**31 - 1
@@ -78,6 +112,7 @@ class AnomalyPipeline(nn.Module):
         masked: False for the unmasked ablation.
         latent_reduction: see :class:`~berdiff.inferers.LatentReduction`.
         anomaly_reference: see :class:`~berdiff.inferers.AnomalyReference` ("input": the paper's map).
+        step_posterior: see :class:`~berdiff.inferers.StepPosterior`.
         output_keys: what ``forward`` returns, concatenated along channels, from :data:`PIPELINE_OUTPUT_KEYS`
             (default: the anomaly map only, one channel).
         seed: when not None, every ``forward`` call gives each sample its own generator, seeded from ``seed`` and
@@ -99,6 +134,7 @@ class AnomalyPipeline(nn.Module):
         masked: bool = True,
         latent_reduction: str = LatentReduction.MEAN,
         anomaly_reference: str = AnomalyReference.INPUT,
+        step_posterior: str = StepPosterior.MARGINAL,
         output_keys: Sequence[str] = ("anomaly_map",),
         seed: int | None = 0,
         skip_empty: bool = True,
@@ -116,6 +152,7 @@ class AnomalyPipeline(nn.Module):
             masked=masked,
             latent_reduction=latent_reduction,
             anomaly_reference=anomaly_reference,
+            step_posterior=step_posterior,
         )
         output_keys = tuple(output_keys)
         unknown = [k for k in output_keys if k not in PIPELINE_OUTPUT_KEYS]
@@ -149,11 +186,9 @@ class AnomalyPipeline(nn.Module):
         if bool(active.all()):
             return self.inferer(image, self.autoencoder, self.unet, generator)
         # constant slices (background): zero maps, identity reconstruction
-        outputs = {
-            "reconstruction": image.float().clone(),
-            "anomaly_map": torch.zeros_like(image[:, :1], dtype=torch.float32),
-            "latent_flip_map": torch.zeros_like(image[:, :1], dtype=torch.float32),
-        }
+        zeros = torch.zeros_like(image[:, :1], dtype=torch.float32)
+        outputs = {"reconstruction": image.float().clone(), "anomaly_map": zeros, "autoencoder_map": zeros.clone()}
+        outputs.update({k: zeros.clone() for k in LATENT_MAP_KEYS})
         if bool(active.any()):
             idx = active.nonzero().flatten()
             if generator is not None and not isinstance(generator, torch.Generator):
@@ -161,6 +196,7 @@ class AnomalyPipeline(nn.Module):
             sub = self.inferer(image[idx], self.autoencoder, self.unet, generator)
             for key in outputs:
                 outputs[key][idx] = sub[key]
+        outputs["latent_flip_map"] = outputs["latent_flip_probability"]
         return outputs
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
