@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "demo": "berdiff.demo:demo",
     "make_lesions": "berdiff.data.lesions:make_lesions",
     "benchmark": "berdiff.benchmark:benchmark",
+    "build_bundle": "berdiff.release:build_bundle",
+    "build_bundles": "berdiff.release:build_bundles",
 }
 
 
