@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MONAI Label 0.8.5 server test of the built brain MRI bundle (`make test-monailabel`):
 #  1. a virtual environment with monailabel and its working pins, cached outside the clone (keyed by the pins);
-#  2. the monaibundle sample app (copied from the installed package: no network), the built bundle (with a tiny random
+#  2. the monaibundle sample app (`apps --download` copies it from the installed package: no network), the built bundle (with a tiny random
 #     model and its model.json) in the app's model folder;
 #  3. `monailabel start_server` on 127.0.0.1 with offline options; /info must list the model as 3D with
 #     labels {"anomaly": 1}; /infer on a 4-channel volume must return the uint8 mask and, with
@@ -45,16 +45,9 @@ trap cleanup EXIT
 "$PYTHON" -m berdiff build_bundle --bundle "$BUNDLE" --out "$WORK/dist" --make_zip False
 "$PYTHON" .ci/monailabel_check.py prepare --bundle "$WORK/dist/$BUNDLE" --studies "$WORK/studies"
 
-# the sample app, offline (the command's download needs the network, so fall back to the copy inside the package)
+# the sample app: `apps --download` copies it from <venv>/monailabel/sample-apps (no network)
 ML="$VENV/bin/monailabel"
-if ! (cd "$WORK" && timeout 60 "$ML" apps --download --name monaibundle --output apps >/dev/null 2>&1) \
-    || [ ! -f "$WORK/apps/monaibundle/main.py" ]; then
-    SRC=$("$VENV/bin/python" -c 'import os, monailabel; p = os.path.dirname(monailabel.__file__); print(next(
-        d for d in (os.path.join(p, "sample-apps"), os.path.join(os.path.dirname(p), "sample-apps"),
-                    os.path.join(os.path.dirname(p), "monailabel", "sample-apps"))
-        if os.path.isdir(os.path.join(d, "monaibundle"))))')
-    mkdir -p "$WORK/apps" && cp -r "$SRC/monaibundle" "$WORK/apps/"
-fi
+(cd "$WORK" && "$ML" apps --download --name monaibundle --output apps)
 mkdir -p "$WORK/apps/monaibundle/model"
 cp -r "$WORK/dist/$BUNDLE" "$WORK/apps/monaibundle/model/$BUNDLE"
 
