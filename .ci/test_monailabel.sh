@@ -46,13 +46,14 @@ trap cleanup EXIT
 "$PYTHON" .ci/monailabel_check.py prepare --bundle "$WORK/dist/$BUNDLE" --studies "$WORK/studies"
 
 # the sample app: `apps --download` copies it from <venv>/monailabel/sample-apps (no network)
-ML="$VENV/bin/monailabel"
-(cd "$WORK" && "$ML" apps --download --name monaibundle --output apps)
+# the monailabel launcher runs `$MONAILABEL_PYEXE -m monailabel.main`; no PYTHONPATH: berdiff must come from the bundle
+ML="env -u PYTHONPATH MONAILABEL_PYEXE=$VENV/bin/python PATH=$VENV/bin:$PATH $VENV/bin/monailabel"
+(cd "$WORK" && $ML apps --download --name monaibundle --output apps)
 mkdir -p "$WORK/apps/monaibundle/model"
 cp -r "$WORK/dist/$BUNDLE" "$WORK/apps/monaibundle/model/$BUNDLE"
 
 # the server, offline: no SAM2 checkpoint download, no zoo look-up, no trainers
-(cd "$WORK" && exec setsid "$ML" start_server --app "$WORK/apps/monaibundle" --studies "$WORK/studies" \
+(cd "$WORK" && exec setsid $ML start_server --app "$WORK/apps/monaibundle" --studies "$WORK/studies" \
     --host 127.0.0.1 --port "$PORT" \
     --conf models "$BUNDLE" --conf sam2 false --conf zoo_source ngc --conf skip_trainers true \
     --conf preload false > "$WORK/server.log" 2>&1) &
