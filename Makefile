@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 DEMO_ARGS ?=
 
-.PHONY: install test demo clean
+.PHONY: install test demo bundles test-monailabel clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ test: $(VENV)/.installed
 # the whole job on built-in synthetic brain MRI: train both stages, anomaly maps as NIfTI, metrics, overview.png
 demo: $(VENV)/.installed
 	$(PY) -m berdiff demo --out outputs/demo $(DEMO_ARGS)
+
+# self-contained release bundles: dist/<bundle>/ and dist/<bundle>.zip (configs, docs, weights, vendored berdiff)
+bundles: $(VENV)/.installed
+	$(PY) -m berdiff build_bundles --out dist
+
+# a real MONAI Label 0.8.5 server serving the built brain bundle (venv cached in ~/.cache/berdiff, keyed by its pins)
+test-monailabel: $(VENV)/.installed
+	PYTHON=$(abspath $(PY)) BASE_PYTHON=$(PYTHON) .ci/test_monailabel.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info custom/*.egg-info .pytest_cache

@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "benchmark": "berdiff.benchmark:benchmark",
     "train_speed": "berdiff.train_speed:train_speed",
     "speed": "berdiff.speed:speed",
+    "build_bundle": "berdiff.release:build_bundle",
+    "build_bundles": "berdiff.release:build_bundles",
 }
 
 

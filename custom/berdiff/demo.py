@@ -176,8 +176,6 @@ def demo(
     # checked before any training, so that a typo does not cost the training time
     anomaly_reference = look_up_option(anomaly_reference, AnomalyReference)
     step_posterior = look_up_option(step_posterior, StepPosterior)
-    if train_max_timestep is not None and train_max_timestep < noise_level:
-        raise ValueError(f"train_max_timestep ({train_max_timestep}) must be >= noise_level ({noise_level}).")
     t_total = time.perf_counter()
     bundle_dir = Path(bundle) if bundle else default_bundle_dir()
     configs = bundle_dir / "configs"

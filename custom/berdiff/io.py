@@ -25,6 +25,7 @@ from monai.data import NibabelWriter
 from monai.utils import ImageMetaKey
 
 from berdiff.data.brats import find_brats_cases
+from berdiff.itk_io import image_stem
 from berdiff.transforms import BRATS_MODALITIES
 
 __all__ = [
@@ -135,7 +136,7 @@ def case_name(filename: Any, modalities: Sequence[str] = BRATS_MODALITIES) -> st
         if not filename:
             raise ValueError("case_name: empty file list.")
         filename = filename[0]
-    base = _NIFTI_EXT.sub("", os.path.basename(str(filename)))
+    base = image_stem(str(filename))
     for m in sorted(modalities, key=len, reverse=True):
         if base.lower().endswith(f"_{m.lower()}") and len(base) > len(m) + 1:
             return base[: -len(m) - 1]

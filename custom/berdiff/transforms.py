@@ -29,6 +29,8 @@ from monai.transforms import (
     ResizeWithPadOrCropd,
 )
 
+from berdiff.itk_io import is_itk_image, read_itk_header
+
 __all__ = [
     "BRATS_MODALITIES",
     "MAX_VOXELS",
@@ -141,6 +143,8 @@ class CheckImageFilesd(MapTransform):
     def _header(self, path: str) -> nib.spatialimages.SpatialImage:
         if not isinstance(path, (str, os.PathLike)):
             raise ValueError(f"expected an image file name, got {type(path).__name__}: {path!r}.")
+        if is_itk_image(path) and os.path.exists(path):  # NRRD / MetaImage / DICOM folder: read through ITK
+            return read_itk_header(path)
         if not os.path.isfile(path):
             raise ValueError(f"image file not found: {path}")
         try:
