@@ -377,7 +377,29 @@ def _anomaly_reference(knob: str, value: Any) -> Any:
 
 
 def _on_error(knob: str, value: Any) -> Any:
-    return check_option(knob, value, ("raise", "exit"))
+    return check_option(knob, value, ("raise", "exit", "continue"))
+
+
+def _sw_batch_size(knob: str, value: Any) -> Any:
+    return value if value == "auto" else check_int(knob, value, 1)
+
+
+def _precision(knob: str, value: Any) -> Any:
+    from berdiff.trainers import Precision
+
+    return check_option(knob, value, Precision)
+
+
+def _placement(knob: str, value: Any) -> Any:
+    from berdiff.data.tensor_loader import Placement
+
+    return check_option(knob, value, Placement)
+
+
+def _lr_rule(knob: str, value: Any) -> Any:
+    from berdiff.trainers import LearningRateRule
+
+    return check_option(knob, value, LearningRateRule)
 
 
 #: the check of each named knob that needs no other knob (see :func:`check_settings` for the others)
@@ -386,7 +408,14 @@ SETTING_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "amp": _bool,
     "seed": lambda k, v: check_int(k, v, 0, allow_none=True),
     "num_workers": _non_negative_int,
-    "sw_batch_size": _positive_int,
+    "sw_batch_size": _sw_batch_size,
+    "precision": _precision,
+    "compile": _bool,
+    "data_placement": _placement,
+    "log_interval": _positive_int,
+    "lr_rule": _lr_rule,
+    "base_learning_rate": _positive_float,
+    "ema_warmup": _bool,
     "batch_size": _positive_int,
     "max_epochs": _positive_int,
     "val_interval": _positive_int,
