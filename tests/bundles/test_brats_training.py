@@ -95,7 +95,7 @@ class TestBratsTraining(unittest.TestCase):
         self.assertEqual(trainer.state.iteration, 60)
         # the denoiser learned the codes: it beats the best predictor that sees only the timestep
         unet, scheduler = wf.parser.get_parsed_content("network_def"), wf.parser.get_parsed_content("scheduler")
-        codes = torch.stack([item["image"] for item in wf.parser.get_parsed_content("train#dataset")])
+        codes = wf.parser.get_parsed_content("train#dataloader").data["image"].float()  # encoded once, on the device
         self.assertLess(flip_bce(unet, scheduler, codes), timestep_only_bce(scheduler) - 0.01)
         model_path = os.path.join(tmp, "models", "model.pt")
         # no other *.pt; the model description beside the weights
