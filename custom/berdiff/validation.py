@@ -326,12 +326,15 @@ def check_noise_level(value: Any, num_train_timesteps: int, knob: str = "noise_l
 
 
 def check_num_inference_steps(value: Any, noise_level: int, knob: str = "num_inference_steps") -> Any:
-    """Checks the number of denoising steps K: null (= L) or an integer in ``[1, L]``."""
+    """
+    Checks the number of denoising steps K: null (= L) or an integer >= 1; a K above L runs as L (the bundle's
+    default K = 10 thus also serves small L), which is what is returned.
+    """
     if value is None:
         return value
-    if not _is_int(value) or not 1 <= value <= noise_level:
-        raise KnobError(knob, value, f"null or an integer in [1, {noise_level}] (at most noise_level L)")
-    return int(value)
+    if not _is_int(value) or value < 1:
+        raise KnobError(knob, value, "null or an integer >= 1 (values above noise_level L run as L)")
+    return min(int(value), int(noise_level))
 
 
 def check_prob_threshold(value: Any, knob: str = "prob_threshold") -> float:
@@ -447,7 +450,7 @@ def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """
     Checks named settings (the knobs of a bundle config), in this order: the independent ones
     (:data:`SETTING_CHECKS`), ``preset``, ``spatial_size`` (a multiple of the preset's factor), ``noise_level`` in
-    ``[1, num_train_timesteps]`` (T = 1000 when not given), ``num_inference_steps`` in ``[1, noise_level]``,
+    ``[1, num_train_timesteps]`` (T = 1000 when not given), ``num_inference_steps`` >= 1 (capped at ``noise_level``),
     ``train_max_timestep`` null or in ``[1, T]``. The first bad one raises a :class:`KnobError`.
 
     Args:
