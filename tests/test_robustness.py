@@ -412,6 +412,9 @@ class TestCheckpoints(unittest.TestCase):
             torch.save(content, path)
             with self.assertRaisesRegex(ValueError, r"is not a state dict"):
                 check_checkpoint(path, preset="tiny", in_channels=4)
+        legacy = os.path.join(self.tmp, "legacy.pt")  # the pre-zip format cannot be memory-mapped: read normally
+        torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+        torch.testing.assert_close(load_state_dict(legacy, mmap=True)["w"], torch.ones(2))
         text = os.path.join(self.tmp, "text.pt")
         Path(text).write_text("not weights")
         with self.assertRaisesRegex(ValueError, r"cannot read checkpoint .*text.pt as PyTorch weights"):
