@@ -418,6 +418,24 @@ class CaseEvaluator(SupervisedEvaluator):
         self.continue_on_error = bool(continue_on_error)
         self.state.case_failure = None
 
+    def run(self, global_epoch: int = 1) -> None:  # type: ignore[override]
+        """
+        As ``SupervisedEvaluator.run``; with no case to run (all skipped, or a torchrun rank without cases) the
+        ``STARTED`` and ``COMPLETED`` events still fire, so that the run summary is written (MONAI skips the run).
+        """
+        try:
+            empty = len(self.data_loader) == 0
+        except TypeError:
+            empty = False
+        if not empty:
+            super().run(global_epoch)
+            return
+        from ignite.engine import Events
+
+        self.state.case_failure = None
+        self._fire_event(Events.STARTED)
+        self._fire_event(Events.COMPLETED)
+
     @staticmethod
     def _failure(batchdata: Any, error: str) -> dict[str, Any]:
         """The failed case (named like its output files, see :func:`berdiff.io.case_name`), its files, the error."""
