@@ -58,6 +58,7 @@ __all__ = [
     "case_outputs",
     "finish_distributed",
     "init_distributed",
+    "is_out_of_memory",
     "local_device",
     "merge_run_summaries",
     "outputs_complete",
@@ -262,7 +263,8 @@ class CaseDataset(Dataset):
 # ---------------------------------------------------------------------------------------------------- inferer
 
 
-def _is_oom(error: BaseException) -> bool:
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for a CUDA (or CPU allocator) out-of-memory error."""
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
     return (oom is not None and isinstance(error, oom)) or "out of memory" in str(error).lower()
 
@@ -328,7 +330,7 @@ class HeadSliceInferer(Inferer):
             try:
                 out.append((sel, network(x[sel], *args, **kwargs)))
             except Exception as e:
-                if not (self.sw_batch_size == "auto" and _is_oom(e) and batch > 1):
+                if not (self.sw_batch_size == "auto" and is_out_of_memory(e) and batch > 1):
                     raise
                 batch = max(1, batch // 2)
                 self._cap = batch
@@ -415,6 +417,24 @@ class CaseEvaluator(SupervisedEvaluator):
         super().__init__(*args, **kwargs)
         self.continue_on_error = bool(continue_on_error)
         self.state.case_failure = None
+
+    def run(self, global_epoch: int = 1) -> None:  # type: ignore[override]
+        """
+        As ``SupervisedEvaluator.run``; with no case to run (all skipped, or a torchrun rank without cases) the
+        ``STARTED`` and ``COMPLETED`` events still fire, so that the run summary is written (MONAI skips the run).
+        """
+        try:
+            empty = len(self.data_loader) == 0
+        except TypeError:
+            empty = False
+        if not empty:
+            super().run(global_epoch)
+            return
+        from ignite.engine import Events
+
+        self.state.case_failure = None
+        self._fire_event(Events.STARTED)
+        self._fire_event(Events.COMPLETED)
 
     @staticmethod
     def _failure(batchdata: Any, error: str) -> dict[str, Any]:

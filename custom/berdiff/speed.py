@@ -42,7 +42,7 @@ from berdiff.benchmark import _PeakMemory
 from berdiff.io import atomic_write_json
 from berdiff.networks import AnomalyPipeline, autoencoder_from_preset, denoiser_from_preset
 from berdiff.networks.presets import DENOISER_PRESETS, Preset
-from berdiff.scale import HeadSliceInferer
+from berdiff.scale import HeadSliceInferer, is_out_of_memory
 
 __all__ = ["speed", "SpeedResults", "render_speed_table"]
 
@@ -153,52 +153,60 @@ def speed(
             noise_level=noise_level, num_inference_steps=k, seed=seed,
         ).to(dev).eval()
 
-    def row(
-        method: str, params: int, k: int, b: int, fn: Callable, timed: torch.Tensor, peak_fn: Callable,
-        warmup: Callable | None = None,
-    ) -> None:
-        per_slice = _time_batches(fn, timed, b, dev, warmup)
+    def row(method: str, params: int, k: int, b: int, fn: Callable, peak: Callable, timed: torch.Tensor, warmup: Callable) -> None:
+        """Times ``fn`` in batches of ``b`` (halved after an out-of-memory error), then its peak memory."""
+        while True:
+            try:
+                per_slice = _time_batches(fn, timed, b, dev, warmup)
+                peak_mib = _peak(peak, timed[:b], dev)
+                break
+            except Exception as e:
+                if not (is_out_of_memory(e) and b > 1):
+                    raise
+                b //= 2
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
         rows.append({
             "method": method, "params": params, "noise_level": noise_level, "num_inference_steps": k, "batch": b,
             "slices_timed": int(timed.shape[0]), "s_per_slice": round(per_slice, 4),
-            "s_per_volume": round(per_slice * volume_slices, 2), "peak_mib": peak_fn(), "amp_bf16": amp,
+            "s_per_volume": round(per_slice * volume_slices, 2), "peak_mib": peak_mib, "amp_bf16": amp,
         })
 
+    def runner(net: nn.Module) -> Callable[[torch.Tensor], Any]:
+        def run(x: torch.Tensor) -> Any:
+            with _autocast(dev, amp):
+                return net.run(x) if isinstance(net, AnomalyPipeline) else net(x)
+
+        return run
+
+    # on CPU the profiler's peak is taken from a K = 1 run (the peak does not depend on K; the trace is slow)
     if "ours" in methods:
-        net = pipeline(num_inference_steps)
-        net_k1 = pipeline(1)
-
-        def ours(x: torch.Tensor, n: nn.Module = net) -> Any:
-            with _autocast(dev, amp):
-                return n.run(x)
-
-        row("ours (shipped defaults)", _n_params(net), num_inference_steps, batch, ours, images,
-            lambda: _peak(lambda x: ours(x, net if dev.type == "cuda" else net_k1), images[:batch], dev))
+        net, net_k1 = pipeline(num_inference_steps), pipeline(1)
+        ours = runner(net)
+        row("ours (shipped defaults)", _n_params(net), num_inference_steps, batch, ours,
+            ours if dev.type == "cuda" else runner(net_k1), images, ours)
     if "reference" in methods:
-        net = pipeline(noise_level)
-        net_k1 = pipeline(1)
-
-        def reference(x: torch.Tensor, n: nn.Module = net) -> Any:
-            with _autocast(dev, amp):
-                return n.run(x)
-
-        ref_images = images[: int(reference_slices)] if int(reference_slices) <= images.shape[0] else torch.rand(int(reference_slices), *size, device=dev)
-        row("reference algorithm (K = L, batch 1)", _n_params(net), noise_level, 1, reference, ref_images,
-            lambda: _peak(lambda x: reference(x, net if dev.type == "cuda" else net_k1), images[:1], dev),
-            warmup=lambda x: reference(x, net_k1))
+        net, net_k1 = pipeline(noise_level), pipeline(1)
+        n_ref = int(reference_slices)
+        ref_images = images[:n_ref] if n_ref <= images.shape[0] else torch.rand(n_ref, *size, device=dev)
+        row("reference algorithm (K = L, batch 1)", _n_params(net), noise_level, 1, runner(net),
+            runner(net if dev.type == "cuda" else net_k1), ref_images, runner(net_k1))
     if "ddpm" in methods:
-        cfg = dict(DENOISER_PRESETS[preset])
         torch.manual_seed(seed)
-        unet = DiffusionModelUNet(spatial_dims=2, in_channels=4, out_channels=4, **cfg).to(dev).eval()
+        unet = DiffusionModelUNet(spatial_dims=2, in_channels=4, out_channels=4, **DENOISER_PRESETS[preset]).to(dev).eval()
         scheduler = DDPMScheduler(num_train_timesteps=1000)
-        inferers = {k: GaussianPartialNoisingInferer(scheduler, noise_level=noise_level, num_inference_steps=k) for k in (num_inference_steps, 1)}
 
-        def ddpm(x: torch.Tensor, k: int = num_inference_steps) -> Any:
-            with _autocast(dev, amp):
-                return inferers[k](x, unet)
+        def ddpm(k: int) -> Callable[[torch.Tensor], Any]:
+            inferer = GaussianPartialNoisingInferer(scheduler, noise_level=noise_level, num_inference_steps=k)
 
-        row("Gaussian DDPM (image space)", _n_params(unet), num_inference_steps, batch, ddpm, images,
-            lambda: _peak(lambda x: ddpm(x, num_inference_steps if dev.type == "cuda" else 1), images[:batch], dev))
+            def run(x: torch.Tensor) -> Any:
+                with _autocast(dev, amp):
+                    return inferer(x, unet)
+
+            return run
+
+        row("Gaussian DDPM (image space)", _n_params(unet), num_inference_steps, batch, ddpm(num_inference_steps),
+            ddpm(num_inference_steps if dev.type == "cuda" else 1), images, ddpm(num_inference_steps))
     results = SpeedResults(
         device=str(dev),
         device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
