@@ -628,7 +628,8 @@ def preflight(
     """
     Checks the settings (:func:`berdiff.validation.check_settings`), the inputs
     (:func:`berdiff.io.inference_datalist`; no two cases with the same output names), the calibration file and the
-    model weights (present, and a state dict of the configured preset) before the workflow builds its components, so
+    model weights (present, and a state dict of the preset of ``models/model.json``, else the configured one; L
+    within the trained range) before the workflow builds its components, so
     that a bad knob, input folder or datalist gives one clear error line instead of a configuration stack trace.
     Arguments as in ``configs/inference.yaml``; ``settings``: knob name -> value (the config's ``checked_settings``).
 
@@ -645,7 +646,17 @@ def preflight(
 
             load_threshold(threshold_file)
         if ckpt_path is not None:
-            check_checkpoint(ckpt_path, allow_random_weights, settings.get("preset"), len(modalities))
+            preset, in_channels = settings.get("preset"), len(modalities)
+            if "noise_level" in settings:  # models/model.json decides the sizes and the trained range of L
+                from berdiff.model_description import inference_settings
+
+                model = inference_settings(
+                    ckpt_path, preset, in_channels, settings.get("spatial_size"),
+                    settings.get("num_train_timesteps", 1000), settings["noise_level"],
+                    settings.get("num_inference_steps"),
+                )
+                preset, in_channels = model["preset"], model["in_channels"]
+            check_checkpoint(ckpt_path, allow_random_weights, preset, in_channels)
     except Exception as e:
         _fail(e, on_error)
     return len(cases)

@@ -314,7 +314,7 @@ class TestBratsInferenceOptions(unittest.TestCase):
             settings = json.load(f)["settings"]
         self.assertEqual((settings["preset"], settings["spatial_size"]), ("tiny", [32, 32]))
         self.assertEqual(settings["model_description"], os.path.join(self.tmp, "models", "model.json"))
-        self.assertEqual(len(nifti_outputs(self.out)), 3)
+        self.assertEqual(len(nifti_outputs(self.out)), 2)  # anomaly map and mask (no latent map by default)
         # L above the trained range: one clear error, no output
         out = os.path.join(self.tmp, "out_l")
         with self.assertRaises(Exception) as ctx:
@@ -329,8 +329,8 @@ class TestBratsInferenceOptions(unittest.TestCase):
     def test_weights_of_another_preset_clear_error(self):
         files = make_case(os.path.join(self.tmp, "data"), "wp", seed=8)
         assert_raises_cause(
-            self, ValueError, "model.pt was trained with preset 'tiny' with 4 image channel.*the config builds preset "
-            "'small' with 4 image channel", run_workflow, self.tmp, image=files, preset="small",
+            self, ValueError, "model.pt holds a 'tiny' network with 4 image channel.*the configuration builds a "
+            "'small' network with 4 image channel", run_workflow, self.tmp, image=files, preset="small",
         )
         self.assertEqual(nifti_outputs(self.out), [])
 
