@@ -122,7 +122,7 @@ class TestCalibrateCommand(unittest.TestCase):
             out = os.path.join(tmp, "calibration.json")
             common = {"bundle_root": BUNDLE, "datalist": datalist, "out": out, "device": "cpu", "ckpt_path": ckpt,
                       "progress": False, "noise_level": 2, "preset": "small", "spatial_size": [64, 64]}
-            with self.assertRaisesRegex(ValueError, "trained with preset 'tiny'.*builds preset 'small'"):
+            with self.assertRaisesRegex(ValueError, "holds a 'tiny' network.*builds a 'small' network"):
                 calibrate(**common)
             write_model_description(ckpt, make_model_description("tiny", 4, [32, 32], 4, train_max_timestep=3))
             with open(calibrate(**common)) as f:

@@ -450,7 +450,7 @@ class TestCheckpoints(unittest.TestCase):
     def test_every_torch_load_uses_weights_only(self):
         calls = 0
         for path in sorted((ROOT / "custom").rglob("*.py")):
-            for call in re.findall(r"torch\.load\(([^()]*(?:\([^()]*\)[^()]*)*)\)", path.read_text()):
+            for call in re.findall(r"torch\.load\(([^()]*(?:\([^()]*\)[^()]*)*)\)", path.read_text(encoding="utf-8")):
                 self.assertIn("weights_only=True", call, f"{path}: torch.load({call})")
                 calls += 1
         self.assertGreaterEqual(calls, 4)  # io, training (via io), calibration, benchmark
