@@ -215,6 +215,8 @@ CONFIGS = {
     "ixi_train_diffusion": ([BRATS / "train_diffusion.yaml", IXI / "common_2d.yaml", IXI / "train_diffusion_2d.yaml"], "train"),
     "multi_gpu_train_autoencoder": ([BRATS / "train_autoencoder.yaml", BRATS / "multi_gpu_train_autoencoder.yaml"], "train"),
     "multi_gpu_train_diffusion": ([BRATS / "train_diffusion.yaml", BRATS / "multi_gpu_train_diffusion.yaml"], "train"),
+    "ixi_inference": ([IXI / "inference.yaml"], "infer"),
+    "multi_gpu_inference": ([BRATS / "inference.yaml", BRATS / "multi_gpu_inference.yaml"], "infer"),
 }
 
 
