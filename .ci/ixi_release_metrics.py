@@ -23,7 +23,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from berdiff.data.images2d import brain_mask, list_images, stem
-from berdiff.metrics import best_dice, pixel_auprc, pixel_auroc
+from berdiff.evaluation.metrics import best_dice, pixel_auprc, pixel_auroc
 
 
 def _map(folder: str, name: str) -> np.ndarray:

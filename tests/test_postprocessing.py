@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from berdiff.metrics import reference_slice_postprocess
+from berdiff.evaluation.postprocess import reference_slice_postprocess
 from berdiff.postprocessing import AnomalyMaskd, SplitChannelsd, threshold_description
 
 

@@ -19,7 +19,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from berdiff.metrics import reference_slice_postprocess
+from berdiff.evaluation.postprocess import reference_slice_postprocess
 
 __all__ = ["SplitChannelsd", "AnomalyMaskd", "threshold_description"]
 

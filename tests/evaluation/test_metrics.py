@@ -10,7 +10,7 @@ import torch
 from parameterized import parameterized
 from scipy import stats
 
-from berdiff.metrics import (
+from berdiff.evaluation import (
     best_dice,
     brain_mask_from_image,
     dice,

@@ -6,7 +6,7 @@ import unittest
 
 import numpy as np
 
-from berdiff.statistics import paired_bootstrap_ci
+from berdiff.evaluation.statistics import paired_bootstrap_ci
 
 
 class TestPairedBootstrap(unittest.TestCase):

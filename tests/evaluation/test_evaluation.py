@@ -166,7 +166,7 @@ class TestEvaluateFiles(unittest.TestCase):
         self.assertEqual(modalities, ["t1.nii.gz", "t1ce.nii.gz", "t2.nii.gz", "flair.nii.gz"])
 
     def test_cli(self):
-        from berdiff.cli import main
+        from berdiff.apps.cli import main
 
         out = self.root / "cli_out"
         with redirect_stdout(io.StringIO()) as buf:
