@@ -180,7 +180,7 @@ class TestCommandLine(unittest.TestCase):
                 self.assertEqual(_one_line_exit(self, preflight, image=_case(tmp), settings=settings), expected)
 
     def test_calibrate_bad_knob(self):
-        from berdiff.cli import main
+        from berdiff.apps.cli import main
 
         with tempfile.TemporaryDirectory() as tmp:
             datalist = os.path.join(tmp, "healthy.json")
@@ -195,7 +195,7 @@ class TestCommandLine(unittest.TestCase):
             self.assertFalse(os.path.exists(out))
 
     def test_berdiff_cli_bad_knob(self):
-        from berdiff.cli import main
+        from berdiff.apps.cli import main
 
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "demo")
@@ -377,7 +377,7 @@ class TestHostileInputs(unittest.TestCase):
         self.assertFalse(os.path.exists(out))
 
     def test_evaluate_refuses_unexpected_label_values(self):
-        from berdiff.cli import main
+        from berdiff.apps.cli import main
 
         pred, labels, out = (os.path.join(self.tmp, d) for d in ("pred", "labels", "eval"))
         os.makedirs(pred)
@@ -458,7 +458,7 @@ class TestCheckpoints(unittest.TestCase):
         self.assertGreaterEqual(calls, 4)  # io, training (via io), calibration, benchmark
 
     def test_benchmark_cache_round_trip_with_weights_only(self):
-        from berdiff.benchmark import _cached
+        from berdiff.apps.benchmark.fit import cached as _cached
 
         net = torch.nn.Linear(2, 2)
         path = Path(self.tmp) / "cache.pt"
@@ -572,7 +572,7 @@ class TestProgress(unittest.TestCase):
             self.assertIn("berdiff.handlers.TrainingProgress", (BRATS / name).read_text())
 
     def test_demo_echoes_progress_lines_and_logs_everything(self):
-        from berdiff.demo import _run
+        from berdiff.apps.demo import _run
 
         with tempfile.TemporaryDirectory() as tmp:
             log = Path(tmp) / "step.log"

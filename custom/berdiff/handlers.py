@@ -642,7 +642,7 @@ def preflight(
         cases = inference_datalist(image, datalist, dataset_dir, modalities, datalist_key)
         check_unique_outputs(cases)
         if threshold_file:
-            from berdiff.calibration import load_threshold
+            from berdiff.evaluation import load_threshold
 
             load_threshold(threshold_file)
         if ckpt_path is not None:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from berdiff.networks import AnomalyPipeline, autoencoder_from_preset, denoiser_from_preset
-from berdiff.release import BUNDLES, build_bundle, sha256sum
+from berdiff.apps.release import BUNDLES, build_bundle, sha256sum
 from tests.bundles.test_brats_inference import make_case
 
 #: runs `python -m monai.bundle <argv>` after removing every sys.path entry and editable-install finder that could

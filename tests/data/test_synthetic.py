@@ -15,7 +15,7 @@ import numpy as np
 from parameterized import parameterized
 from scipy import ndimage
 
-from berdiff.cli import main as cli_main
+from berdiff.apps.cli import main as cli_main
 from berdiff.data import synthetic
 from berdiff.data.synthetic import LABELS, MODALITIES, load_template, make_demo_data
 

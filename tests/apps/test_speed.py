@@ -1,6 +1,6 @@
 # Copyright (c) berdiff contributors
 # Licensed under the Apache License, Version 2.0 (the "License").
-"""berdiff.speed: the side-by-side speed table (tiny sizes)."""
+"""berdiff.apps.speed: the side-by-side speed table (tiny sizes)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import os
 import tempfile
 import unittest
 
-from berdiff.cli import COMMANDS
-from berdiff.speed import speed
+from berdiff.apps.cli import COMMANDS
+from berdiff.apps.speed import speed
 
 
 class TestSpeed(unittest.TestCase):
@@ -35,7 +35,7 @@ class TestSpeed(unittest.TestCase):
         table = str(res)
         self.assertEqual(table.count("\n| "), 4)  # header + 3 rows
         self.assertIn("reference algorithm (K = L, batch 1)", table)
-        self.assertEqual(COMMANDS["speed"], "berdiff.speed:speed")
+        self.assertEqual(COMMANDS["speed"], "berdiff.apps.speed:speed")
 
     def test_bad_arguments(self):
         with self.assertRaisesRegex(ValueError, "unknown methods"):

@@ -36,6 +36,7 @@ from berdiff.losses import AutoencoderLoss
 from berdiff.networks import autoencoder_from_preset, denoiser_from_preset
 from berdiff.schedulers import BernoulliScheduler
 from berdiff.trainers import LossMonitor, WarmupEMAHandler, adamw, build_trainer
+from berdiff.utils import atomic_write_json
 
 __all__ = ["Stage", "TrainPath", "measure", "train_speed"]
 
@@ -165,6 +166,5 @@ def train_speed(
         print(f"| {r['stage']} | {r['preset']} | {r.get('legacy', float('nan')):.1f} | {r.get('fast', float('nan')):.1f} "
               f"| {r.get('ratio', float('nan')):.2f} |")
     if out:
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
+        atomic_write_json(result, out, indent=1)
     return result

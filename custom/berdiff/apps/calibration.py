@@ -9,7 +9,8 @@
 """
 Threshold calibration on healthy data (evaluation protocol C): ``python -m berdiff calibrate`` runs the bundle's
 inference pipeline on healthy validation volumes and stores the anomaly-map threshold giving a target
-false-positive rate; ``configs/inference.yaml`` reads it with ``--threshold_file``.
+false-positive rate; ``configs/inference.yaml`` reads it with ``--threshold_file``
+(:func:`berdiff.evaluation.load_threshold`).
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from berdiff.io import atomic_write_json, check_checkpoint, load_datalist
-from berdiff.metrics import threshold_at_fpr
+from berdiff.evaluation.metrics import threshold_at_fpr
+from berdiff.io import check_checkpoint, load_datalist
 from berdiff.model_description import load_pipeline_weights
 from berdiff.transforms import root_cause, volume_preprocessing
+from berdiff.utils import atomic_write_json
 
-__all__ = ["healthy_scores", "threshold_from_maps", "load_threshold", "calibrate", "CALIBRATION_VERSION"]
+__all__ = ["healthy_scores", "threshold_from_maps", "calibrate", "CALIBRATION_VERSION"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ def threshold_from_maps(
 ) -> float:
     """
     Threshold on anomaly maps of healthy data giving the false-positive rate ``fpr`` (rule ``score > t``), with
-    :func:`berdiff.metrics.threshold_at_fpr` on the pooled values (inside ``masks`` when given).
+    :func:`berdiff.evaluation.metrics.threshold_at_fpr` on the pooled values (inside ``masks`` when given).
 
     Args:
         maps: healthy anomaly maps (any shapes), or one array.
@@ -95,32 +97,6 @@ def threshold_from_maps(
             arr = arr[mask]
         values.append(arr.ravel())
     return threshold_at_fpr(values, fpr)
-
-
-def load_threshold(path: os.PathLike | str, expected: dict[str, Any] | None = None) -> float:
-    """
-    Reads the threshold of a calibration JSON written by :func:`calibrate` (parsed by
-    :func:`berdiff.evaluation.load_threshold`).
-
-    Args:
-        path: the JSON file.
-        expected: settings the calibration should have been made with (e.g. ``{"noise_level": 200}``); a mismatch
-            is logged as a warning (the threshold depends on L, P, K and the model).
-
-    Raises:
-        ValueError: missing or unreadable file, or no finite ``threshold`` in it.
-    """
-    from berdiff.evaluation import load_threshold as read_calibration
-
-    try:
-        threshold, content = read_calibration(path)
-    except FileNotFoundError as e:
-        raise ValueError(str(e)) from e
-    settings = content.get("settings", {})
-    for key, value in (expected or {}).items():
-        if isinstance(settings, dict) and key in settings and settings[key] != value:
-            logger.warning(f"{path} was calibrated with {key}={settings[key]!r}, inference uses {value!r}.")
-    return threshold
 
 
 def _overrides(bundle_root: str, device: str | None, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ Side-by-side speed of the anomaly inference (``python -m berdiff speed``), in on
   slices sized like ``sw_batch_size="auto"`` of :class:`berdiff.scale.HeadSliceInferer`, bf16 autocast on CUDA);
 * **reference algorithm**: the same networks with K = L (one denoising step per noise step) and one slice at a time,
   as the public reference implementation runs it;
-* **Gaussian DDPM**: an image-space DDPM (:class:`berdiff.baselines.GaussianPartialNoisingInferer`) whose UNet has
+* **Gaussian DDPM**: an image-space DDPM (:class:`berdiff.apps.benchmark.baselines.GaussianPartialNoisingInferer`) whose UNet has
   the denoiser preset's widths on the 4-channel image instead of the binary code (about the same parameter count),
   at the same L, K and batch as ours.
 
@@ -21,7 +21,7 @@ Random weights (speed does not depend on them), random slices in [0, 1] (every s
 slice: wall time of a batch / its slices, after one warm-up batch; per volume: per slice x ``volume_slices`` (a
 BraTS volume has 155 axial slices; its head slices are fewer, so this is an upper bound). Peak memory: tensor memory
 above the weights during one batch (CUDA allocator peak; on CPU the ``torch.profiler`` allocation trace, measured in
-a separate run with K = 1 since the peak does not depend on K), see ``berdiff.benchmark``.
+a separate run with K = 1 since the peak does not depend on K), see :class:`berdiff.apps.benchmark.timing.PeakMemory`.
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ import torch.nn as nn
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 
-from berdiff.baselines import GaussianPartialNoisingInferer
-from berdiff.benchmark import _PeakMemory
-from berdiff.io import atomic_write_json
+from berdiff.apps.benchmark.baselines import GaussianPartialNoisingInferer
+from berdiff.apps.benchmark.timing import PeakMemory
 from berdiff.networks import AnomalyPipeline, autoencoder_from_preset, denoiser_from_preset
 from berdiff.networks.presets import DENOISER_PRESETS, Preset
 from berdiff.scale import HeadSliceInferer, is_out_of_memory
+from berdiff.utils import atomic_write_json
 
 __all__ = ["speed", "SpeedResults", "render_speed_table"]
 
@@ -83,7 +83,7 @@ def _time_batches(
 
 
 def _peak(fn: Callable[[torch.Tensor], Any], images: torch.Tensor, device: torch.device) -> float:
-    with torch.inference_mode(), _PeakMemory(device) as peak:
+    with torch.inference_mode(), PeakMemory(device) as peak:
         fn(images)
     return round(peak.peak_mib, 3)
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 from monai.networks.schedulers import DDPMScheduler
 
-from berdiff.baselines import AutoencoderReconstructionInferer, GaussianPartialNoisingInferer, partial_timesteps
-from berdiff.benchmark import Method, benchmark, cache_key
+from berdiff.apps.benchmark.baselines import AutoencoderReconstructionInferer, GaussianPartialNoisingInferer, partial_timesteps
+from berdiff.apps.benchmark import Method, benchmark, cache_key
 from berdiff.data.lesions import make_lesions
 from berdiff.networks import autoencoder_from_preset
 from tests.data.test_lesions import write_heads

@@ -25,6 +25,8 @@ from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
+from berdiff.utils import atomic_write_json
+
 __all__ = ["BUNDLE_NAME", "DemoSummary", "default_bundle_dir", "demo"]
 
 BUNDLE_NAME = "brats_mri_bernoulli_anomaly"
@@ -32,7 +34,9 @@ BUNDLE_NAME = "brats_mri_bernoulli_anomaly"
 
 def default_bundle_dir() -> Path:
     """The brain MRI bundle of this repository checkout (``<repo>/bundles/brats_mri_bernoulli_anomaly``)."""
-    return Path(__file__).resolve().parents[2] / "bundles" / BUNDLE_NAME
+    import berdiff
+
+    return Path(berdiff.__file__).resolve().parents[2] / "bundles" / BUNDLE_NAME
 
 
 def _run(cmd: list[str], log: Path, env: dict[str, str], echo: tuple[str, ...] = ()) -> float:
@@ -166,7 +170,7 @@ def demo(
     from berdiff.data.synthetic import make_demo_data
     from sklearn.model_selection import train_test_split
 
-    from berdiff.evaluation import evaluate
+    from berdiff.evaluation.evaluate import evaluate
     from berdiff.inferers import LatentMap
 
     from monai.utils import look_up_option
@@ -271,8 +275,7 @@ def demo(
     if not test_volumes:
         raise RuntimeError("no held-out subject has a tumour; raise num_subjects or val_fraction.")
     test_list = out_dir / "test_datalist.json"
-    with open(test_list, "w") as f:
-        json.dump({"testing": [{"image": v["image"], "label": v["label"]} for v in test_volumes]}, f, indent=2)
+    atomic_write_json({"testing": [{"image": v["image"], "label": v["label"]} for v in test_volumes]}, test_list)
 
     steps.start(f"inference on {len(test_volumes)} held-out subjects with tumours -> {maps_dir}")
     _run(
@@ -314,8 +317,7 @@ def demo(
         },
         "metrics": metrics,
     }
-    with open(out_dir / "demo_summary.json", "w") as f:
-        json.dump(summary, f, indent=2, default=lambda o: None)
+    atomic_write_json(summary, out_dir / "demo_summary.json")
     print(_headline(metrics, out_dir, timings, _bundle_latent_maps(bundle_dir)), flush=True)
     return DemoSummary(summary)
 

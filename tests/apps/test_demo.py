@@ -12,7 +12,7 @@ import unittest
 
 from pathlib import Path
 
-from berdiff.demo import _headline, default_bundle_dir, demo
+from berdiff.apps.demo import _headline, default_bundle_dir, demo
 
 
 class TestDemo(unittest.TestCase):

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import berdiff
+from berdiff.utils import atomic_write
 
 __all__ = ["BUNDLES", "PACKAGE_NAME", "repository_root", "sha256sum", "build_bundle", "build_bundles"]
 
@@ -93,19 +94,13 @@ def _write_large_files(bundle_dir: Path, weights_url: str) -> None:
 
 
 def _zip_folder(folder: Path, zip_path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{zip_path.name}.", suffix=".tmp", dir=zip_path.parent)
-    os.close(fd)
-    try:
+    def write(tmp: str) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for p in sorted(folder.rglob("*")):
                 if p.is_file():
                     zf.write(p, Path(folder.name) / p.relative_to(folder))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, zip_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    atomic_write(zip_path, write)
 
 
 def build_bundle(

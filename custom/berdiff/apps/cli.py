@@ -15,20 +15,21 @@ __all__ = ["COMMANDS", "USER_ERRORS", "main"]
 #: command name -> "module:function"
 COMMANDS: dict[str, str] = {
     "prepare_brats": "berdiff.data.brats:prepare_brats",
-    "calibrate": "berdiff.calibration:calibrate",
+    "calibrate": "berdiff.apps.calibration:calibrate",
     "evaluate": "berdiff.evaluation:evaluate",
     "make_demo_data": "berdiff.data.synthetic:make_demo_data",
-    "demo": "berdiff.demo:demo",
+    "demo": "berdiff.apps.demo:demo",
     "make_lesions": "berdiff.data.lesions:make_lesions",
-    "benchmark": "berdiff.benchmark:benchmark",
-    "train_speed": "berdiff.train_speed:train_speed",
-    "speed": "berdiff.speed:speed",
-    "build_bundle": "berdiff.release:build_bundle",
-    "build_bundles": "berdiff.release:build_bundles",
+    "benchmark": "berdiff.apps.benchmark:benchmark",
+    "train_speed": "berdiff.apps.train_speed:train_speed",
+    "speed": "berdiff.apps.speed:speed",
+    "build_bundle": "berdiff.apps.release:build_bundle",
+    "build_bundles": "berdiff.apps.release:build_bundles",
 }
 
 
 def _usage() -> str:
+    """The usage text: the commands and how to see a command's flags."""
     lines = ["usage: python -m berdiff <command> [--flag value ...]", "", "commands:"]
     lines += [f"  {name}" for name in COMMANDS]
     lines += ["", "python -m berdiff <command> --help shows a command's flags."]
@@ -36,7 +37,12 @@ def _usage() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Dispatch ``argv`` (default ``sys.argv[1:]``) to the named command through ``fire``."""
+    """
+    Dispatch ``argv`` to the named command through ``fire``; bad input exits with one ``error:`` line.
+
+    Args:
+        argv: the command and its flags (default ``sys.argv[1:]``).
+    """
     import fire
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -7,7 +7,7 @@ import os
 import tempfile
 import unittest
 
-from berdiff.train_speed import measure, train_speed
+from berdiff.apps.train_speed import measure, train_speed
 
 
 class TestTrainSpeed(unittest.TestCase):

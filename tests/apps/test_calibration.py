@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from parameterized import parameterized
 
-from berdiff.calibration import calibrate, healthy_scores, load_threshold, threshold_from_maps
+from berdiff.apps.calibration import calibrate, healthy_scores, threshold_from_maps
+from berdiff.evaluation import load_threshold
 from tests.bundles.test_brats_inference import BUNDLE, HEAD, make_case, make_model, run_workflow
 
 
@@ -64,7 +65,7 @@ class TestThresholdFromMaps(unittest.TestCase):
                 load_threshold(path)
             with open(path, "w") as f:
                 json.dump({"threshold": 0.25, "settings": {"noise_level": 100}}, f)
-            with self.assertLogs("berdiff.calibration", "WARNING"):
+            with self.assertLogs("berdiff.evaluation.evaluate", "WARNING"):
                 self.assertEqual(load_threshold(path, {"noise_level": 50}), 0.25)
 
 

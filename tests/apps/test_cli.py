@@ -8,7 +8,7 @@ import os
 import tempfile
 import unittest
 
-from berdiff.cli import COMMANDS, main
+from berdiff.apps.cli import COMMANDS, main
 
 
 class TestCli(unittest.TestCase):
