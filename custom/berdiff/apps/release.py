@@ -56,7 +56,12 @@ def repository_root() -> Path:
 
 
 def sha256sum(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file."""
+    """
+    Hex sha256 of a file.
+
+    Args:
+        path: the file.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -223,7 +223,12 @@ def speed(
 
 
 def render_speed_table(results: dict[str, Any]) -> str:
-    """A Markdown table of :func:`speed`'s results."""
+    """
+    A Markdown table of :func:`speed`'s results.
+
+    Args:
+        results: the results of :func:`speed`.
+    """
     head = (
         f"device: {results['device']} ({results['device_name']}, {results['torch_threads']} threads), preset "
         f"{results['preset']}, slices 4x{results['spatial_size']}x{results['spatial_size']}, per volume = per slice x "

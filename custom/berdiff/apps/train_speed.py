@@ -73,7 +73,20 @@ def measure(
     stage: str, preset: str, path: str, device: str | torch.device = "cpu", batch_size: int = 16, size: int = 128,
     channels: int = 1, warmup: int = 3, iterations: int = 10, num_workers: int = 2, compile: bool = False, seed: int = 0,
 ) -> float:
-    """Samples per second of one training run: ``warmup`` iterations, then ``iterations`` timed ones."""
+    """
+    Samples per second of one training run: ``warmup`` iterations, then ``iterations`` timed ones.
+
+    Args:
+        stage: a :class:`Stage`.
+        preset: network preset.
+        path: a :class:`TrainPath`.
+        device: the training device.
+        batch_size, size, channels: batch and image shape.
+        warmup, iterations: untimed and timed iterations.
+        num_workers: DataLoader worker processes of the legacy path.
+        compile: ``torch.compile`` the network (fast path).
+        seed: seed of the weights and data.
+    """
     stage, path = look_up_option(stage, Stage), look_up_option(path, TrainPath)
     device = torch.device(device)
     n = batch_size * (warmup + iterations)
@@ -140,6 +153,14 @@ def train_speed(
     Samples/s of every (stage, preset, path), median of ``repeats`` runs, the paths alternated within each repeat so
     that they share the machine's conditions; prints a markdown table and the fast/legacy ratio, optionally writes
     the results as JSON to ``out``.
+
+    Args:
+        stages, presets, paths: what to measure (lists or comma-separated strings).
+        device: the device (CUDA when available by default).
+        batch_size, size, channels, warmup, iterations, num_workers, compile: see :func:`measure`.
+        repeats: runs per (stage, preset, path); the median is reported.
+        threads: torch CPU threads.
+        out: optional JSON file for the results (written atomically).
     """
     as_list = lambda v: [x.strip() for x in v.split(",")] if isinstance(v, str) else list(v)  # noqa: E731
     if threads is not None:

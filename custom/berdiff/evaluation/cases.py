@@ -252,6 +252,13 @@ def _check_label_values(label: np.ndarray, path: Any) -> None:
 
 
 def load_case(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    Read one case matched by :func:`find_cases` into arrays (maps and labels as 3D float32; several image files
+    stacked as channels); the label must hold segmentation labels.
+
+    Args:
+        entry: one entry of :func:`find_cases`.
+    """
     case: dict[str, Any] = {
         "name": entry["name"],
         "score": squeeze_to_3d(_load(entry["score"], "anomaly map"), f"anomaly map {entry['score']}"),
