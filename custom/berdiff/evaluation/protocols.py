@@ -16,7 +16,12 @@ from monai.utils import StrEnum
 
 from berdiff.evaluation.arrays import ArrayLike, as_binary, check_finite, check_same_shape, to_numpy
 from berdiff.evaluation.metrics import best_dice, dice, pixel_auprc, pixel_auroc
-from berdiff.evaluation.postprocess import AreaRule, reference_slice_postprocess, remove_small_components, volume_postprocess
+from berdiff.evaluation.postprocess import (
+    AreaRule,
+    reference_slice_postprocess,
+    remove_small_components,
+    volume_postprocess,
+)
 
 __all__ = [
     "ThresholdMap",
@@ -88,7 +93,9 @@ def score_slices(
     if len(grid):
         out["dice_grid"] = []
     for m, g in zip(maps, labels):
-        prob, binary = reference_slice_postprocess(m, min_component=min_component, median_size=median_size, threshold=threshold)
+        prob, binary = reference_slice_postprocess(
+            m, min_component=min_component, median_size=median_size, threshold=threshold
+        )
         out["dice"].append(dice(binary, g))
         out["auroc"].append(pixel_auroc(prob, g))
         out["auprc"].append(pixel_auprc(prob, g))

@@ -27,7 +27,15 @@ from berdiff.evaluation.protocols import (
     summarise_slices,
 )
 
-__all__ = ["MAP_KEYS", "EXTRA_MAPS", "ProtocolSettings", "describe_settings", "score_case", "squeeze_to_3d", "summarise_map"]
+__all__ = [
+    "EXTRA_MAPS",
+    "MAP_KEYS",
+    "ProtocolSettings",
+    "describe_settings",
+    "score_case",
+    "squeeze_to_3d",
+    "summarise_map",
+]
 
 #: case-dict keys of the maps that are scored, in order (``score`` is the anomaly map). Every map but the anomaly map
 #: is optional and read from ``<case>_<name>.nii.gz``: the autoencoder-only map, the latent maps of
@@ -282,7 +290,8 @@ def describe_settings(settings: ProtocolSettings, threshold_source: str, used_ma
     erosion = "shape[0] // 25 iterations" if erode is True else ("none" if not erode else f"{int(erode)} iterations")
     return {
         "protocol_a": {
-            "unit": f"2D slices along axis {s.axis}, pooled over the diseased slices of all cases; mean, std over slices",
+            "unit": f"2D slices along axis {s.axis}, pooled over the diseased slices of all cases; "
+            "mean, std over slices",
             "brain_mask": "no",
             "median_filter": f"2D {s.median_size_2d}x{s.median_size_2d} on the channel-summed map",
             "normalisation": "clip to the slice's [p1, p99], then min-max to [0, 1]",

@@ -215,7 +215,8 @@ def cached(
             log(f"reusing checkpoint {path.name}")
             return {**info, "cached": True}
     info = train()
-    record = {"state_dict": network.state_dict(), "info": json.dumps(info), "settings": json.dumps(to_json_safe(settings))}
+    settings_text = json.dumps(to_json_safe(settings))
+    record = {"state_dict": network.state_dict(), "info": json.dumps(info), "settings": settings_text}
     atomic_save_torch(record, path)
     return {**info, "cached": False}
 
@@ -300,8 +301,9 @@ def train_models(
         ae = models.ae = autoencoder_from_preset(t.ae_preset, in_channels=1).to(device)
         info = cached(
             ckpt_dir / f"ae_{ae_key}.pt", ae,
-            lambda: fit(ae, AutoencoderLoss(), {"image": images_t}, t.ae_batch_size, t.ae_lr, seed, device, "autoencoder",
-                        iterations=t.ae_iterations, budget_flops=ae_budget, aliases={"label": "image"}, **fit_kwargs),
+            lambda: fit(ae, AutoencoderLoss(), {"image": images_t}, t.ae_batch_size, t.ae_lr, seed, device,
+                        "autoencoder", iterations=t.ae_iterations, budget_flops=ae_budget, aliases={"label": "image"},
+                        **fit_kwargs),
             ae_settings,
         )
         training["autoencoder"] = {**info, "batch_size": t.ae_batch_size, "lr": t.ae_lr, "params": n_params(ae),

@@ -72,7 +72,7 @@ def run_benchmark(settings: BenchmarkSettings) -> BenchmarkResults:
                  "tune_names": tune["names"], "test_names": test["names"]},
         "settings": {**settings.record(), "device": str(dev), "threads": torch.get_num_threads()},
         "training": training,
-        "tuning": {k: [{kk: vv for kk, vv in row.items() if kk != "dice_grid"} for row in v] for k, v in tuning.items()},
+        "tuning": {k: [{c: v for c, v in r.items() if c != "dice_grid"} for r in rows] for k, rows in tuning.items()},
         "methods": methods,
     }
     written = write_results(results, out_dir)

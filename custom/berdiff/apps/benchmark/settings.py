@@ -227,10 +227,12 @@ class SweepSettings:
     min_component: int = 15
 
     def __post_init__(self) -> None:
-        for name, kind in (("noise_levels", int), ("prob_thresholds", float), ("ddpm_noise_levels", int), ("k_values", int)):
+        kinds = {"noise_levels": int, "prob_thresholds": float, "ddpm_noise_levels": int, "k_values": int}
+        for name, kind in kinds.items():
             object.__setattr__(self, name, tuple(kind(v) for v in as_tuple(getattr(self, name))))
         if not self.prob_thresholds or any(not 0 <= p <= 1 for p in self.prob_thresholds):
-            raise ValueError(f"prob_thresholds must be non-empty with values in [0, 1], got {list(self.prob_thresholds)}.")
+            got = list(self.prob_thresholds)
+            raise ValueError(f"prob_thresholds must be non-empty with values in [0, 1], got {got}.")
 
     def check_levels(self, num_train_timesteps: int) -> None:
         """
@@ -289,8 +291,8 @@ class BenchmarkSettings:
             TypeError: a flag no group knows.
         """
         groups: dict[str, dict[str, Any]] = {"data": {}, "training": {}, "sweep": {}, "top": {}}
-        owners = {f.name: g for g, c in (("data", DataSettings), ("training", TrainingSettings), ("sweep", SweepSettings))
-                  for f in dataclasses.fields(c)}
+        classes = {"data": DataSettings, "training": TrainingSettings, "sweep": SweepSettings}
+        owners = {f.name: g for g, c in classes.items() for f in dataclasses.fields(c)}
         owners.update(device="top", threads="top")
         for name, value in flags.items():
             if name not in owners:
@@ -306,6 +308,7 @@ class BenchmarkSettings:
 
     def record(self) -> dict[str, Any]:
         """The flat settings dict written into ``results.json`` (without the folders)."""
-        data = {k: v for k, v in dataclasses.asdict(self.data).items() if k not in ("train_dir", "test_dir", "data_dir", "out")}
+        folders = ("train_dir", "test_dir", "data_dir", "out")
+        data = {k: v for k, v in dataclasses.asdict(self.data).items() if k not in folders}
         sweep = dataclasses.asdict(self.sweep)
         return {**data, **dataclasses.asdict(self.training), **sweep, "methods": [str(m) for m in self.methods]}

@@ -95,7 +95,12 @@ def _slice_auroc(maps: np.ndarray, images: np.ndarray, healthy_maps: np.ndarray,
 
 
 def score_split(
-    fn: RunFn, split: Mapping[str, Any], batch_size: int, device: torch.device, min_component: int, healthy: bool = False
+    fn: RunFn,
+    split: Mapping[str, Any],
+    batch_size: int,
+    device: torch.device,
+    min_component: int,
+    healthy: bool = False,
 ) -> dict[str, Any]:
     """
     Protocol A on the lesion slices of a split (no brain mask; Dice at 0.5 and on :data:`THRESHOLD_GRID`, per-slice
@@ -221,7 +226,9 @@ def tune_methods(
     if Method.MASKED in methods:
         pairs = [(L, P) for L in s.noise_levels for P in s.prob_thresholds]
         pairs += [ref for ref in REFERENCE_SETTINGS if ref not in pairs and ref[0] <= T]
-        masked = lambda c: tune_eval(runners.bernoulli(c["L"], c["P"], c["K"], True, c.get("reference", "input")))  # noqa: E731
+        def masked(c: Mapping[str, Any]) -> dict[str, Any]:
+            return tune_eval(runners.bernoulli(c["L"], c["P"], c["K"], True, c.get("reference", "input")))
+
         tuning["masked_lp"], best = sweep(
             "masked", [{"L": L, "P": P, "K": min(s.tune_steps, L)} for L, P in pairs], masked
         )
