@@ -13,7 +13,7 @@ import torch
 from parameterized import parameterized
 
 from berdiff.calibration import calibrate, healthy_scores, load_threshold, threshold_from_maps
-from tests.bundles.test_brats_inference import BUNDLE, HEAD, make_case, make_model, run_workflow
+from tests.utils import BUNDLE, HEAD, make_case, make_model, run_workflow
 
 
 class TestThresholdFromMaps(unittest.TestCase):
