@@ -43,7 +43,6 @@ from tests.utils import BUNDLE_CONFIGS, MODALITIES, TempDirMixin, check_config_w
 
 ROOT = Path(__file__).resolve().parents[1]
 BRATS = ROOT / "bundles" / "brats_mri_bernoulli_anomaly" / "configs"
-IXI = ROOT / "bundles" / "ixi_t1_bernoulli_anomaly" / "configs"
 SHAPE = (12, 12, 4)
 
 
@@ -498,8 +497,15 @@ class TestProgress(TempDirMixin, unittest.TestCase):
         self.assertEqual([format_duration(s) for s in (5, 65, 3725, None)], ["0:05", "1:05", "1:02:05", "?"])
 
     def test_configs_attach_it(self):
-        for name in ("train_autoencoder.yaml", "train_diffusion.yaml"):
-            self.assertIn("berdiff.handlers.TrainingProgress", (BRATS / name).read_text())
+        from monai.bundle import ConfigParser
+
+        for name, (files, kind) in BUNDLE_CONFIGS.items():
+            if kind == "train":
+                with self.subTest(name):
+                    handlers = ConfigParser.load_config_files([str(f) for f in files])["train"]["handlers"]
+                    progress = [h for h in handlers if h["_target_"] == "berdiff.handlers.TrainingProgress"]
+                    self.assertEqual(len(progress), 1)
+                    self.assertEqual(progress[0]["name"], "train_diffusion" if "diffusion" in name else "train_autoencoder")
 
     def test_demo_echoes_progress_lines_and_logs_everything(self):
         from berdiff.demo import _run

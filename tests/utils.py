@@ -277,25 +277,19 @@ _IXI_CONFIGS = Path(IXI_BUNDLE) / "configs"
 BUNDLE_CONFIGS: dict[str, tuple[list[Path], str]] = {
     "inference": ([_BRATS_CONFIGS / "inference.yaml"], "infer"),
     "train_autoencoder": ([_BRATS_CONFIGS / "train_autoencoder.yaml"], "train"),
-    "train_diffusion": ([_BRATS_CONFIGS / "train_diffusion.yaml"], "train"),
-    "ixi_train_autoencoder": (
-        [_BRATS_CONFIGS / "train_autoencoder.yaml", _IXI_CONFIGS / "common_2d.yaml", _IXI_CONFIGS / "train_autoencoder_2d.yaml"],
-        "train",
-    ),
-    "ixi_train_diffusion": (
-        [_BRATS_CONFIGS / "train_diffusion.yaml", _IXI_CONFIGS / "common_2d.yaml", _IXI_CONFIGS / "train_diffusion_2d.yaml"],
-        "train",
-    ),
+    "train_diffusion": ([_BRATS_CONFIGS / "train_autoencoder.yaml", _BRATS_CONFIGS / "train_diffusion.yaml"], "train"),
     "multi_gpu_train_autoencoder": (
-        [_BRATS_CONFIGS / "train_autoencoder.yaml", _BRATS_CONFIGS / "multi_gpu_train_autoencoder.yaml"],
+        [_BRATS_CONFIGS / "train_autoencoder.yaml", _BRATS_CONFIGS / "multi_gpu_train.yaml"],
         "train",
     ),
     "multi_gpu_train_diffusion": (
-        [_BRATS_CONFIGS / "train_diffusion.yaml", _BRATS_CONFIGS / "multi_gpu_train_diffusion.yaml"],
+        [_BRATS_CONFIGS / f"{name}.yaml" for name in ("train_autoencoder", "train_diffusion", "multi_gpu_train")],
         "train",
     ),
-    "ixi_inference": ([_IXI_CONFIGS / "inference.yaml"], "infer"),
     "multi_gpu_inference": ([_BRATS_CONFIGS / "inference.yaml", _BRATS_CONFIGS / "multi_gpu_inference.yaml"], "infer"),
+    "ixi_inference": ([_IXI_CONFIGS / "inference.yaml"], "infer"),
+    "ixi_train_autoencoder": ([_IXI_CONFIGS / "train_autoencoder.yaml"], "train"),
+    "ixi_train_diffusion": ([_IXI_CONFIGS / "train_autoencoder.yaml", _IXI_CONFIGS / "train_diffusion.yaml"], "train"),
 }
 
 

@@ -24,7 +24,9 @@ from tests.utils import BUNDLE, TempDirClassMixin, write_brats_subjects
 
 CONFIGS = os.path.abspath(os.path.join(BUNDLE, "configs"))
 AE_CONFIG = os.path.join(CONFIGS, "train_autoencoder.yaml")
-DIFF_CONFIG = os.path.join(CONFIGS, "train_diffusion.yaml")
+#: stage 2 is layered on stage 1's config
+DIFF_CONFIG = [AE_CONFIG, os.path.join(CONFIGS, "train_diffusion.yaml")]
+MULTI_GPU_CONFIG = os.path.join(CONFIGS, "multi_gpu_train.yaml")
 
 
 def _workflow(config, tmp: str, data: str, **overrides) -> ConfigWorkflow:
@@ -176,8 +178,7 @@ class TestBratsTraining(TempDirClassMixin, unittest.TestCase):
             os.path.join(tmp, "models"), "--output_dir", os.path.join(tmp, "logs"), "--preset", "tiny",
             "--spatial_size", "32", "--batch_size", "4", "--num_workers", "0", "--max_epochs", "1", "--log_interval", "1",
         ]
-        for stage in ("autoencoder", "diffusion"):
-            configs = [os.path.join(CONFIGS, f"{name}_{stage}.yaml") for name in ("train", "multi_gpu_train")]
+        for configs in ([AE_CONFIG, MULTI_GPU_CONFIG], [*DIFF_CONFIG, MULTI_GPU_CONFIG]):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                    "-m", "monai.bundle", "run", "training", "--config_file", repr(configs), *common]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
