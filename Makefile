@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 DEMO_ARGS ?=
 
-.PHONY: install test demo bundles test-monailabel clean
+.PHONY: install test demo bundles zoo-verify test-monailabel clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,15 @@ demo: $(VENV)/.installed
 # self-contained release bundles: dist/<bundle>/ and dist/<bundle>.zip (configs, docs, weights, vendored berdiff)
 bundles: $(VENV)/.installed
 	$(PY) -m berdiff build_bundles --out dist
+
+# the model zoo's own bundle checks on the built bundles, offline:
+#   make zoo-verify ZOO=<Project-MONAI/model-zoo checkout> SCHEMA=<meta_schema_20240725.json>
+ZOO ?=
+SCHEMA ?=
+zoo-verify: bundles
+	test -n "$(ZOO)" -a -n "$(SCHEMA)" || { echo "usage: make zoo-verify ZOO=<model-zoo checkout> SCHEMA=<schema json>"; exit 2; }
+	$(PY) .ci/zoo_verify.py --zoo $(ZOO) --dist dist --schema $(SCHEMA) --mode min
+	$(PY) .ci/zoo_verify.py --zoo $(ZOO) --dist dist --schema $(SCHEMA) --mode full
 
 # a real MONAI Label 0.8.5 server serving the built brain bundle (venv cached in ~/.cache/berdiff, keyed by its pins)
 test-monailabel: $(VENV)/.installed
