@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; override e.g. `make TORCH_SPEC="torch==2.14.1" test` for a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# a Project-MONAI/model-zoo checkout and a local copy of its metadata schema (zoo-verify; SCHEMA also for test)
+ZOO ?=
+SCHEMA ?=
 
 DEMO_ARGS ?=
 
@@ -19,8 +22,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
+# SCHEMA=<meta_schema_20240725.json> also validates every bundle's metadata.json against the zoo's schema
 test: $(VENV)/.installed
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	BERDIFF_META_SCHEMA="$(SCHEMA)" $(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 # the whole job on built-in synthetic brain MRI: train both stages, anomaly maps as NIfTI, metrics, overview.png
 demo: $(VENV)/.installed
@@ -32,8 +36,6 @@ bundles: $(VENV)/.installed
 
 # the model zoo's own bundle checks on the built bundles, offline:
 #   make zoo-verify ZOO=<Project-MONAI/model-zoo checkout> SCHEMA=<meta_schema_20240725.json>
-ZOO ?=
-SCHEMA ?=
 zoo-verify: bundles
 	test -n "$(ZOO)" -a -n "$(SCHEMA)" || { echo "usage: make zoo-verify ZOO=<model-zoo checkout> SCHEMA=<schema json>"; exit 2; }
 	$(PY) .ci/zoo_verify.py --zoo $(ZOO) --dist dist --schema $(SCHEMA) --mode min
