@@ -16,7 +16,7 @@ from parameterized import parameterized
 from berdiff.io import case_name
 from berdiff.itk_io import image_stem, is_itk_image, read_itk_header
 from berdiff.transforms import CheckImageFilesd
-from tests.bundles.test_brats_inference import MODALITIES, NON_RAS_AFFINE, make_case, make_model, run_workflow
+from tests.utils import MODALITIES, NON_RAS_AFFINE, make_case, make_model, run_workflow
 
 
 def convert(files: list[str], folder: str, suffix: str) -> list[str]:

@@ -16,7 +16,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import unittest
 from pathlib import Path
 from unittest import mock
@@ -40,18 +39,15 @@ from berdiff.networks import AnomalyPipeline, autoencoder_from_preset, denoiser_
 from berdiff.training import load_weights, save_state_dict, training_datalist
 from berdiff.transforms import check_image_header, volume_preprocessing
 from berdiff.validation import KnobError, check_settings, error_line, exit_on_error, spatial_multiple
+from tests.utils import BUNDLE_CONFIGS, MODALITIES, TempDirMixin, check_config_without_data, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BRATS = ROOT / "bundles" / "brats_mri_bernoulli_anomaly" / "configs"
-IXI = ROOT / "bundles" / "ixi_t1_bernoulli_anomaly" / "configs"
-MODALITIES = ("t1", "t1ce", "t2", "flair")
 SHAPE = (12, 12, 4)
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "custom"), env.get("PYTHONPATH", "")])
-    env["PYTHONWARNINGS"] = "ignore"
+    env = subprocess_env(PYTHONWARNINGS="ignore")
     env.pop("BERDIFF_DEBUG", None)
     return env
 
@@ -147,7 +143,7 @@ class TestKnobs(unittest.TestCase):
             exit_on_error(error)
 
 
-class TestCommandLine(unittest.TestCase):
+class TestCommandLine(TempDirMixin, unittest.TestCase):
     """The one-line behaviour of the real commands (subprocesses)."""
 
     def _bundle(self, *args: str, env=None) -> subprocess.CompletedProcess:
@@ -155,19 +151,19 @@ class TestCommandLine(unittest.TestCase):
         return subprocess.run(cmd, capture_output=True, text=True, env=env or _env(), timeout=300)
 
     def test_bad_knobs_on_monai_bundle_run(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "out")
-            proc = self._bundle("--noise_level", "5000", "--output_dir", out, "--dataset_dir", tmp)
-            self.assertEqual(proc.returncode, 1, proc.stderr[-2000:])
-            errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-            self.assertEqual(errors, ["error: noise_level = 5000: an integer in [1, 1000] (T = num_train_timesteps)"])
-            self.assertNotIn("Traceback", proc.stdout + proc.stderr)
-            self.assertFalse(os.path.exists(out))
-            # BERDIFF_DEBUG=1 keeps the traceback for developers
-            proc = self._bundle("--prob_threshold", "1.7", "--output_dir", out, env={**_env(), "BERDIFF_DEBUG": "1"})
-            self.assertNotEqual(proc.returncode, 0)
-            self.assertIn("Traceback", proc.stderr)
-            self.assertIn("prob_threshold = 1.7: a number in (0, 1)", proc.stderr)
+        tmp = self.tmp
+        out = os.path.join(tmp, "out")
+        proc = self._bundle("--noise_level", "5000", "--output_dir", out, "--dataset_dir", tmp)
+        self.assertEqual(proc.returncode, 1, proc.stderr[-2000:])
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        self.assertEqual(errors, ["error: noise_level = 5000: an integer in [1, 1000] (T = num_train_timesteps)"])
+        self.assertNotIn("Traceback", proc.stdout + proc.stderr)
+        self.assertFalse(os.path.exists(out))
+        # BERDIFF_DEBUG=1 keeps the traceback for developers
+        proc = self._bundle("--prob_threshold", "1.7", "--output_dir", out, env={**_env(), "BERDIFF_DEBUG": "1"})
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn("Traceback", proc.stderr)
+        self.assertIn("prob_threshold = 1.7: a number in (0, 1)", proc.stderr)
 
     def test_bundle_preflight_bad_knobs(self):
         """The same check in process (the bundle's first run step), for the other knobs of the report."""
@@ -176,131 +172,78 @@ class TestCommandLine(unittest.TestCase):
             ({"prob_threshold": 1.7}, "error: prob_threshold = 1.7: a number in (0, 1)"),
             ({"noise_level": 5000}, "error: noise_level = 5000: an integer in [1, 1000] (T = num_train_timesteps)"),
         ):
-            with tempfile.TemporaryDirectory() as tmp:
-                self.assertEqual(_one_line_exit(self, preflight, image=_case(tmp), settings=settings), expected)
+            tmp = self.tmp
+            self.assertEqual(_one_line_exit(self, preflight, image=_case(tmp), settings=settings), expected)
 
     def test_calibrate_bad_knob(self):
         from berdiff.apps.cli import main
 
-        with tempfile.TemporaryDirectory() as tmp:
-            datalist = os.path.join(tmp, "healthy.json")
-            with open(datalist, "w") as f:
-                json.dump({"validation": [{"image": _case(tmp)}]}, f)
-            out = os.path.join(tmp, "calibration.json")
-            bundle = str(BRATS.parent)
-            line = _one_line_exit(
-                self, main, ["calibrate", "--bundle_root", bundle, "--datalist", datalist, "--out", out, "--noise_level", "5000"]
-            )
-            self.assertEqual(line, "error: noise_level = 5000: an integer in [1, 1000] (T = num_train_timesteps)")
-            self.assertFalse(os.path.exists(out))
+        tmp = self.tmp
+        datalist = os.path.join(tmp, "healthy.json")
+        with open(datalist, "w") as f:
+            json.dump({"validation": [{"image": _case(tmp)}]}, f)
+        out = os.path.join(tmp, "calibration.json")
+        bundle = str(BRATS.parent)
+        line = _one_line_exit(
+            self, main, ["calibrate", "--bundle_root", bundle, "--datalist", datalist, "--out", out, "--noise_level", "5000"]
+        )
+        self.assertEqual(line, "error: noise_level = 5000: an integer in [1, 1000] (T = num_train_timesteps)")
+        self.assertFalse(os.path.exists(out))
 
     def test_berdiff_cli_bad_knob(self):
         from berdiff.apps.cli import main
 
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "demo")
-            line = _one_line_exit(self, main, ["demo", "--noise_level", "5000", "--out", out])
-            self.assertEqual(line, "error: noise_level = 5000: an integer in [1, 1000] (T = num_train_timesteps)")
-            line = _one_line_exit(self, main, ["demo", "--preset", "huge", "--out", out])
-            self.assertEqual(line, "error: preset = 'huge': one of reference, small, tiny")
-            self.assertFalse(os.path.exists(out))
+        tmp = self.tmp
+        out = os.path.join(tmp, "demo")
+        line = _one_line_exit(self, main, ["demo", "--noise_level", "5000", "--out", out])
+        self.assertEqual(line, "error: noise_level = 5000: an integer in [1, 1000] (T = num_train_timesteps)")
+        line = _one_line_exit(self, main, ["demo", "--preset", "huge", "--out", out])
+        self.assertEqual(line, "error: preset = 'huge': one of reference, small, tiny")
+        self.assertFalse(os.path.exists(out))
 
 
-#: every config of both bundles (files layered in order) and its workflow type
-CONFIGS = {
-    "inference": ([BRATS / "inference.yaml"], "infer"),
-    "train_autoencoder": ([BRATS / "train_autoencoder.yaml"], "train"),
-    "train_diffusion": ([BRATS / "train_diffusion.yaml"], "train"),
-    "ixi_train_autoencoder": ([BRATS / "train_autoencoder.yaml", IXI / "common_2d.yaml", IXI / "train_autoencoder_2d.yaml"], "train"),
-    "ixi_train_diffusion": ([BRATS / "train_diffusion.yaml", IXI / "common_2d.yaml", IXI / "train_diffusion_2d.yaml"], "train"),
-    "multi_gpu_train_autoencoder": ([BRATS / "train_autoencoder.yaml", BRATS / "multi_gpu_train_autoencoder.yaml"], "train"),
-    "multi_gpu_train_diffusion": ([BRATS / "train_diffusion.yaml", BRATS / "multi_gpu_train_diffusion.yaml"], "train"),
-    "ixi_inference": ([IXI / "inference.yaml"], "infer"),
-    "multi_gpu_inference": ([BRATS / "inference.yaml", BRATS / "multi_gpu_inference.yaml"], "infer"),
-}
-
-
-def check_config_without_data(name: str) -> None:
-    """
-    In an empty folder (``bundle_root`` "." and the other defaults): ``initialize()`` and ``check_properties()``
-    pass; ``run()`` then fails at its first step naming the missing data, and writes nothing.
-    """
-    from monai.bundle import ConfigWorkflow
-
-    from berdiff.validation import _unwrap
-
-    files, kind = CONFIGS[name]
-    cwd = os.getcwd()
-    with tempfile.TemporaryDirectory() as tmp:
-        os.chdir(tmp)
-        try:
-            overrides = {"dataset_dir": os.path.join(tmp, "no_data")}  # the default folder may exist on a dev box
-            wf = ConfigWorkflow(config_file=[str(f) for f in files], workflow_type=kind, **overrides)
-            wf.initialize()
-            missing = wf.check_properties()
-            assert missing == [], f"{name}: missing properties {missing}"
-            wf.parser["on_error"] = "raise"
-            before = sorted(str(p.relative_to(tmp)) for p in Path(tmp).rglob("*") if p.is_file())
-            try:
-                wf.run()
-            except Exception as e:
-                cause = _unwrap(e)
-                assert isinstance(cause, (ValueError, FileNotFoundError)), f"{name}: {cause!r}"
-                assert re.search("not found|does not exist", str(cause)), f"{name}: {cause}"
-            else:
-                raise AssertionError(f"{name}: the run did not report the missing data")
-            after = sorted(str(p.relative_to(tmp)) for p in Path(tmp).rglob("*") if p.is_file())
-            assert before == after, f"{name}: the run wrote {sorted(set(after) - set(before))}"
-        finally:
-            os.chdir(cwd)
-
-
-class TestConfigsParseWithoutData(unittest.TestCase):
+class TestConfigsParseWithoutData(TempDirMixin, unittest.TestCase):
     """Every config initialises and passes check_properties with its defaults, with no data and no weights; the
     missing data are reported when the run starts, and nothing is written then."""
 
     def test_single_process_configs(self):
-        for name in CONFIGS:
+        for name in BUNDLE_CONFIGS:
             if not name.startswith("multi_gpu"):
                 with self.subTest(name):
                     check_config_without_data(name)
 
     def test_multi_gpu_configs(self):
         """In a subprocess: they initialise a (one-process) process group, which must not leak into other tests."""
-        names = [n for n in CONFIGS if n.startswith("multi_gpu")]
-        code = "import sys; from tests.test_robustness import check_config_without_data as c; [c(n) for n in sys.argv[1:]]"
+        names = [n for n in BUNDLE_CONFIGS if n.startswith("multi_gpu")]
+        code = "import sys; from tests.utils import check_config_without_data as c; [c(n) for n in sys.argv[1:]]"
         env = _env()
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env["PYTHONPATH"]])
         proc = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
         self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
 
     def test_deferred_datalists(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            missing = inference_datalist(dataset_dir=os.path.join(tmp, "nowhere"), defer_errors=True)
-            self.assertIsInstance(missing, MissingData)
-            self.assertEqual(len(missing), 0)
-            self.assertIn("source not found", str(missing.error))
-            train = training_datalist(os.path.join(tmp, "prepared", "datalist.json"))
-            self.assertIsInstance(train, MissingData)
-            with self.assertRaisesRegex(FileNotFoundError, "training data not found"):
-                training_datalist(os.path.join(tmp, "prepared", "datalist.json"), defer_missing=False)
-            line = _one_line_exit(self, training_preflight, {"batch_size": 2}, train)
-            self.assertIn("training data not found", line)
-            line = _one_line_exit(self, training_preflight, {"batch_size": 0}, [{"image": "x"}])
-            self.assertEqual(line, "error: batch_size = 0: an integer in [1, inf)")
-            line = _one_line_exit(self, training_preflight, {}, [{"image": "x"}], [os.path.join(tmp, "ae.pt")])
-            self.assertIn("checkpoint not found", line)
-            self.assertEqual(training_preflight({}, [{"image": "x"}], on_error="raise"), 1)
+        tmp = self.tmp
+        missing = inference_datalist(dataset_dir=os.path.join(tmp, "nowhere"), defer_errors=True)
+        self.assertIsInstance(missing, MissingData)
+        self.assertEqual(len(missing), 0)
+        self.assertIn("source not found", str(missing.error))
+        train = training_datalist(os.path.join(tmp, "prepared", "datalist.json"))
+        self.assertIsInstance(train, MissingData)
+        with self.assertRaisesRegex(FileNotFoundError, "training data not found"):
+            training_datalist(os.path.join(tmp, "prepared", "datalist.json"), defer_missing=False)
+        line = _one_line_exit(self, training_preflight, {"batch_size": 2}, train)
+        self.assertIn("training data not found", line)
+        line = _one_line_exit(self, training_preflight, {"batch_size": 0}, [{"image": "x"}])
+        self.assertEqual(line, "error: batch_size = 0: an integer in [1, inf)")
+        line = _one_line_exit(self, training_preflight, {}, [{"image": "x"}], [os.path.join(tmp, "ae.pt")])
+        self.assertIn("checkpoint not found", line)
+        self.assertEqual(training_preflight({}, [{"image": "x"}], on_error="raise"), 1)
 
 
-class TestHostileInputs(unittest.TestCase):
+class TestHostileInputs(TempDirMixin, unittest.TestCase):
     def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory()
-        self.tmp = self._tmp.name
+        super().setUp()
         self.pre = volume_preprocessing("image", num_channels=4, spatial_size=(16, 16))
-
-    def tearDown(self):
-        self._tmp.cleanup()
 
     def _fails(self, files, pattern: str) -> None:
         from berdiff.transforms import root_cause
@@ -396,14 +339,7 @@ class TestHostileInputs(unittest.TestCase):
         self.assertFalse(os.path.exists(out))
 
 
-class TestCheckpoints(unittest.TestCase):
-    def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory()
-        self.tmp = self._tmp.name
-
-    def tearDown(self):
-        self._tmp.cleanup()
-
+class TestCheckpoints(TempDirMixin, unittest.TestCase):
     def _pipeline(self, preset: str, in_channels: int = 4) -> AnomalyPipeline:
         ae = autoencoder_from_preset(preset, in_channels=in_channels)
         return AnomalyPipeline(ae, denoiser_from_preset(preset, latent_channels=ae.latent_channels))
@@ -475,14 +411,7 @@ class _Marker:
     pass
 
 
-class TestFailingWrites(unittest.TestCase):
-    def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory()
-        self.tmp = self._tmp.name
-
-    def tearDown(self):
-        self._tmp.cleanup()
-
+class TestFailingWrites(TempDirMixin, unittest.TestCase):
     def test_disk_full_half_way_leaves_neither_file_nor_temp(self):
         """The writer fails after writing part of the data: no final file, no temporary file."""
         from monai.data import MetaTensor
@@ -531,7 +460,7 @@ class TestFailingWrites(unittest.TestCase):
         self.assertEqual(os.listdir(self.tmp), ["file"])
 
 
-class TestProgress(unittest.TestCase):
+class TestProgress(TempDirMixin, unittest.TestCase):
     def _trainer(self, epochs: int, iterations: int):
         from monai.engines import SupervisedTrainer
 
@@ -568,21 +497,28 @@ class TestProgress(unittest.TestCase):
         self.assertEqual([format_duration(s) for s in (5, 65, 3725, None)], ["0:05", "1:05", "1:02:05", "?"])
 
     def test_configs_attach_it(self):
-        for name in ("train_autoencoder.yaml", "train_diffusion.yaml"):
-            self.assertIn("berdiff.handlers.TrainingProgress", (BRATS / name).read_text())
+        from monai.bundle import ConfigParser
+
+        for name, (files, kind) in BUNDLE_CONFIGS.items():
+            if kind == "train":
+                with self.subTest(name):
+                    handlers = ConfigParser.load_config_files([str(f) for f in files])["train"]["handlers"]
+                    progress = [h for h in handlers if h["_target_"] == "berdiff.handlers.TrainingProgress"]
+                    self.assertEqual(len(progress), 1)
+                    self.assertEqual(progress[0]["name"], "train_diffusion" if "diffusion" in name else "train_autoencoder")
 
     def test_demo_echoes_progress_lines_and_logs_everything(self):
         from berdiff.apps.demo import _run
 
-        with tempfile.TemporaryDirectory() as tmp:
-            log = Path(tmp) / "step.log"
-            script = "print('noise'); print('train_autoencoder: epoch 1/2, loss 0.1'); print('more noise')"
-            out = io.StringIO()
-            with contextlib.redirect_stdout(out):
-                _run([sys.executable, "-c", script], log, _env(), echo=("train_autoencoder:",))
-            printed = out.getvalue().splitlines()
-            self.assertEqual(printed[1:], ["    train_autoencoder: epoch 1/2, loss 0.1"])
-            self.assertEqual(log.read_text().splitlines(), ["noise", "train_autoencoder: epoch 1/2, loss 0.1", "more noise"])
+        tmp = self.tmp
+        log = Path(tmp) / "step.log"
+        script = "print('noise'); print('train_autoencoder: epoch 1/2, loss 0.1'); print('more noise')"
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            _run([sys.executable, "-c", script], log, _env(), echo=("train_autoencoder:",))
+        printed = out.getvalue().splitlines()
+        self.assertEqual(printed[1:], ["    train_autoencoder: epoch 1/2, loss 0.1"])
+        self.assertEqual(log.read_text().splitlines(), ["noise", "train_autoencoder: epoch 1/2, loss 0.1", "more noise"])
 
 
 if __name__ == "__main__":

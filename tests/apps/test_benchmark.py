@@ -15,7 +15,7 @@ from berdiff.apps.benchmark.baselines import AutoencoderReconstructionInferer, G
 from berdiff.apps.benchmark import Method, benchmark, cache_key
 from berdiff.data.lesions import make_lesions
 from berdiff.networks import autoencoder_from_preset
-from tests.data.test_lesions import write_heads
+from tests.utils import write_heads
 
 
 class _OracleEps(nn.Module):

@@ -14,7 +14,7 @@ from parameterized import parameterized
 
 from berdiff.apps.calibration import calibrate, healthy_scores, threshold_from_maps
 from berdiff.evaluation import load_threshold
-from tests.bundles.test_brats_inference import BUNDLE, HEAD, make_case, make_model, run_workflow
+from tests.utils import BUNDLE, HEAD, make_case, make_model, run_workflow
 
 
 class TestThresholdFromMaps(unittest.TestCase):

@@ -4,12 +4,10 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import subprocess
 import sys
-import tempfile
 import unittest
 
 import nibabel as nib
@@ -18,17 +16,24 @@ import torch
 from parameterized import parameterized
 
 from berdiff.handlers import CASE_FIELDS, RUN_SUMMARY_FIELDS
-from berdiff.networks import AnomalyPipeline, autoencoder_from_preset, denoiser_from_preset
+from tests.utils import (
+    BUNDLE,
+    CASE_SHAPE,
+    HEAD,
+    INFERENCE_CONFIG,
+    NON_RAS_AFFINE,
+    TempDirClassMixin,
+    TempDirMixin,
+    assert_raises_cause,
+    make_case,
+    make_model,
+    nifti_outputs,
+    overrides,
+    run_workflow,
+)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BUNDLE = os.path.join(ROOT, "bundles", "brats_mri_bernoulli_anomaly")
-CONFIG = os.path.join(BUNDLE, "configs", "inference.yaml")
-MODALITIES = ("t1", "t1ce", "t2", "flair")
-SHAPE = (30, 28, 6)
-#: permuted axes (L, I, A), anisotropic spacing, offset origin
-NON_RAS_AFFINE = np.array([[-1.2, 0, 0, 10.0], [0, 0, 2.5, -5.0], [0, -0.9, 0, 3.0], [0, 0, 0, 1.0]])
-#: head region of the synthetic volumes (axis 1 is the axial axis of NON_RAS_AFFINE)
-HEAD = (slice(5, 25), slice(4, 24), slice(1, 5))
+CONFIG = INFERENCE_CONFIG
+SHAPE = CASE_SHAPE
 
 
 def _default_latent_postfixes() -> list[str]:
@@ -43,93 +48,16 @@ def _default_latent_postfixes() -> list[str]:
 LATENT = _default_latent_postfixes()
 
 
-def make_model(folder: str) -> str:
-    """A tiny random AnomalyPipeline saved as <folder>/models/model.pt."""
-    torch.manual_seed(0)
-    pipe = AnomalyPipeline(autoencoder_from_preset("tiny", in_channels=4), denoiser_from_preset("tiny"))
-    path = os.path.join(folder, "models", "model.pt")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(pipe.state_dict(), path)
-    return path
-
-
-def make_case(folder: str, case: str, affine: np.ndarray = np.eye(4), seed: int = 0, value: np.ndarray | None = None):
-    """A BraTS-layout case <folder>/<case>/<case>_<modality>.nii.gz: random head voxels in a zero background."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(os.path.join(folder, case), exist_ok=True)
-    files = []
-    for m in MODALITIES:
-        vol = np.zeros(SHAPE, np.float32)
-        if value is None:
-            vol[HEAD] = rng.random(vol[HEAD].shape) + 1.0
-        else:
-            vol[...] = value
-        files.append(os.path.join(folder, case, f"{case}_{m}.nii.gz"))
-        nib.save(nib.Nifti1Image(vol, affine), files[-1])
-    return files
-
-
-def overrides(tmp: str, **kwargs) -> dict:
-    out = {
-        "bundle_root": BUNDLE,
-        "ckpt_path": os.path.join(tmp, "models", "model.pt"),
-        "output_dir": os.path.join(tmp, "out"),
-        "preset": "tiny",
-        "spatial_size": [32, 32],
-        "noise_level": 4,
-        "num_inference_steps": 2,
-        "sw_batch_size": 4,
-        "on_error": "raise",
-        "progress": False,
-        "device": "cpu",
-    }
-    out.update(kwargs)
-    return out
-
-
-def run_workflow(tmp: str, **kwargs):
-    from monai.bundle import ConfigWorkflow
-
-    wf = ConfigWorkflow(config_file=CONFIG, workflow_type="infer", **overrides(tmp, **kwargs))
-    wf.initialize()
-    missing = wf.check_properties()
-    wf.run()
-    wf.finalize()
-    return wf, missing
-
-
-def assert_raises_cause(test: unittest.TestCase, exc_type: type, regex: str, func, *args, **kwargs) -> None:
-    """``func`` fails with ``exc_type`` matching ``regex``, directly or as the cause of monai.bundle's
-    ``RuntimeError("Failed to evaluate ...")`` wrapper of config expressions; the cause is not MONAI's
-    ``RuntimeError("applying transform ...")``."""
-    with test.assertRaises(Exception) as ctx:
-        func(*args, **kwargs)
-    err = ctx.exception
-    if not isinstance(err, exc_type) and isinstance(err, RuntimeError) and "Failed to evaluate" in str(err):
-        err = err.__cause__
-    test.assertIsInstance(err, exc_type, repr(err))
-    test.assertRegex(str(err), regex)
-
-
-def nifti_outputs(folder: str) -> list[str]:
-    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.nii*")))
-
-
-class TestBratsInference(unittest.TestCase):
+class TestBratsInference(TempDirClassMixin, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls._tmp = tempfile.TemporaryDirectory()
-        cls.tmp = cls._tmp.name
+        super().setUpClass()
         make_model(cls.tmp)
         cls.data = os.path.join(cls.tmp, "data")
         make_case(cls.data, "BraTS_001", np.eye(4), seed=1)
         make_case(cls.data, "BraTS_002", NON_RAS_AFFINE, seed=2)
         cls.wf, cls.missing = run_workflow(cls.tmp, dataset_dir=cls.data)
         cls.out = os.path.join(cls.tmp, "out")
-
-    @classmethod
-    def tearDownClass(cls):
-        cls._tmp.cleanup()
 
     def test_properties_and_ids(self):
         self.assertFalse(self.missing, f"missing infer properties: {self.missing}")
@@ -200,15 +128,11 @@ class TestBratsInference(unittest.TestCase):
         torch.testing.assert_close(torch.as_tensor(pred), torch.as_tensor(mask))
 
 
-class TestBratsInferenceOptions(unittest.TestCase):
+class TestBratsInferenceOptions(TempDirMixin, unittest.TestCase):
     def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory()
-        self.tmp = self._tmp.name
+        super().setUp()
         make_model(self.tmp)
         self.out = os.path.join(self.tmp, "out")
-
-    def tearDown(self):
-        self._tmp.cleanup()
 
     def test_single_four_channel_nifti_calibrated_threshold_and_reconstruction(self):
         rng = np.random.default_rng(3)

@@ -11,20 +11,28 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import unittest
 
 import nibabel as nib
 import numpy as np
 
-from tests.bundles.test_brats_inference import (
-    BUNDLE, CONFIG, NON_RAS_AFFINE, ROOT, assert_raises_cause, make_case, nifti_outputs, run_workflow,
+from tests.utils import (
+    BUNDLE,
+    INFERENCE_CONFIG,
+    NON_RAS_AFFINE,
+    TempDirMixin,
+    assert_raises_cause,
+    make_case,
+    nifti_outputs,
+    run_workflow,
+    subprocess_env,
 )
 
+CONFIG = INFERENCE_CONFIG
 MULTI_GPU_CONFIG = os.path.join(BUNDLE, "configs", "multi_gpu_inference.yaml")
 POSTFIXES = ("anomaly", "anomaly_mask")  # the default outputs (no latent map)
-#: tiny preset, random (seeded) weights, CPU: the command-line form of tests.bundles.test_brats_inference.overrides
+#: tiny preset, random (seeded) weights, CPU: the command-line form of tests.utils.overrides
 CLI_ARGS = [
     "--preset", "tiny", "--spatial_size", "[32, 32]", "--noise_level", "4", "--num_inference_steps", "2",
     "--progress", "False", "--device", "cpu", "--allow_random_weights", "True",
@@ -32,10 +40,7 @@ CLI_ARGS = [
 
 
 def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "custom"), env.get("PYTHONPATH", "")])
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
+    return subprocess_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
 
 
 def _summary(folder: str) -> dict:
@@ -55,15 +60,11 @@ def assert_same_outputs(test: unittest.TestCase, a: str, b: str) -> None:
         test.assertEqual(x.header.binaryblock, y.header.binaryblock, name)
 
 
-class TestScaleInference(unittest.TestCase):
+class TestScaleInference(TempDirMixin, unittest.TestCase):
     def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory()
-        self.tmp = self._tmp.name
+        super().setUp()
         self.data = os.path.join(self.tmp, "data")
         self.no_weights = os.path.join(self.tmp, "no_model.pt")
-
-    def tearDown(self):
-        self._tmp.cleanup()
 
     def _cases(self, n: int) -> list[str]:
         names = [f"case{i}" for i in range(n)]

@@ -9,7 +9,6 @@ import io
 import os
 import subprocess
 import sys
-import tempfile
 import unittest
 
 import torch
@@ -21,12 +20,13 @@ from berdiff.losses import timestep_only_bce
 from berdiff.model_description import read_model_description
 from berdiff.networks import AnomalyPipeline, autoencoder_from_preset, denoiser_from_preset
 from berdiff.training import DelayedAdversarialLoss, latest_checkpoint, training_loss_output
-from tests.data.test_brats import write_brats_subjects
+from tests.utils import BUNDLE, TempDirClassMixin, write_brats_subjects
 
-BUNDLE = os.path.join(os.path.dirname(__file__), "..", "..", "bundles", "brats_mri_bernoulli_anomaly")
 CONFIGS = os.path.abspath(os.path.join(BUNDLE, "configs"))
 AE_CONFIG = os.path.join(CONFIGS, "train_autoencoder.yaml")
-DIFF_CONFIG = os.path.join(CONFIGS, "train_diffusion.yaml")
+#: stage 2 is layered on stage 1's config
+DIFF_CONFIG = [AE_CONFIG, os.path.join(CONFIGS, "train_diffusion.yaml")]
+MULTI_GPU_CONFIG = os.path.join(CONFIGS, "multi_gpu_train.yaml")
 
 
 def _workflow(config, tmp: str, data: str, **overrides) -> ConfigWorkflow:
@@ -60,20 +60,15 @@ def flip_bce(unet: torch.nn.Module, scheduler, codes: torch.Tensor) -> float:
     return torch.nn.functional.binary_cross_entropy_with_logits(logits, (xt != x0).float()).item()
 
 
-class TestBratsTraining(unittest.TestCase):
+class TestBratsTraining(TempDirClassMixin, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls._tmp = tempfile.TemporaryDirectory()
-        cls.tmp = cls._tmp.name
+        super().setUpClass()
         write_brats_subjects(os.path.join(cls.tmp, "src"))
         cls.data = os.path.join(cls.tmp, "prepared")
         with contextlib.redirect_stdout(io.StringIO()):
             prepare_brats(os.path.join(cls.tmp, "src"), cls.data, val_fraction=0.25, spatial_size=32)
         # 13 healthy training slices -> 2 iterations per epoch with batch 8
-
-    @classmethod
-    def tearDownClass(cls):
-        cls._tmp.cleanup()
 
     def test_two_stages_and_model_export(self):
         tmp = os.path.join(self.tmp, "two_stages")
@@ -183,8 +178,7 @@ class TestBratsTraining(unittest.TestCase):
             os.path.join(tmp, "models"), "--output_dir", os.path.join(tmp, "logs"), "--preset", "tiny",
             "--spatial_size", "32", "--batch_size", "4", "--num_workers", "0", "--max_epochs", "1", "--log_interval", "1",
         ]
-        for stage in ("autoencoder", "diffusion"):
-            configs = [os.path.join(CONFIGS, f"{name}_{stage}.yaml") for name in ("train", "multi_gpu_train")]
+        for configs in ([AE_CONFIG, MULTI_GPU_CONFIG], [*DIFF_CONFIG, MULTI_GPU_CONFIG]):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                    "-m", "monai.bundle", "run", "training", "--config_file", repr(configs), *common]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)

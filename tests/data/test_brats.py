@@ -9,7 +9,6 @@ import sys
 import tempfile
 import unittest
 
-import nibabel as nib
 import numpy as np
 
 from berdiff.data.brats import (
@@ -19,31 +18,7 @@ from berdiff.data.brats import (
     prepare_brats,
     split_subjects,
 )
-
-MODALITIES = ("t1", "t1ce", "t2", "flair")
-#: subjects with a tumour cube, and the axial slices (RAS index) it covers
-TUMOUR_SUBJECTS = (0, 2)
-TUMOUR_SLICES = (10, 11)
-
-
-def write_brats_subjects(root: str, num_subjects: int = 4, shape=(32, 32, 16), seed: int = 0) -> list[str]:
-    """Tiny synthetic subjects in the BraTS layout: a noisy 'head' box, a cubic tumour in some subjects."""
-    rng = np.random.default_rng(seed)
-    names = []
-    for i in range(num_subjects):
-        name = f"BraTS_{i:03d}"
-        folder = os.path.join(root, name)
-        os.makedirs(folder, exist_ok=True)
-        for m in MODALITIES:
-            vol = np.zeros(shape, np.float32)
-            vol[4:-4, 4:-4, :] = rng.uniform(50, 100, (shape[0] - 8, shape[1] - 8, shape[2]))
-            nib.save(nib.Nifti1Image(vol, np.eye(4)), os.path.join(folder, f"{name}_{m}.nii.gz"))
-        seg = np.zeros(shape, np.uint8)
-        if i in TUMOUR_SUBJECTS:
-            seg[10:14, 10:14, TUMOUR_SLICES[0] : TUMOUR_SLICES[-1] + 1] = 2
-        nib.save(nib.Nifti1Image(seg, np.eye(4)), os.path.join(folder, f"{name}_seg.nii.gz"))
-        names.append(name)
-    return names
+from tests.utils import MODALITIES, TUMOUR_SLICES, TUMOUR_SUBJECTS, write_brats_subjects
 
 
 class TestSliceRange(unittest.TestCase):

@@ -20,19 +20,7 @@ from berdiff.data.images2d import (
     scale_intensity,
     stem,
 )
-
-
-def synthetic_head(h: int = 60, w: int = 50, seed: int = 0) -> np.ndarray:
-    """A bright scalp ring, a dark skull ring and a grey 'brain' ellipse with a dark 'ventricle' inside."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:h, :w]
-    r = np.sqrt(((yy - h / 2) / (0.45 * h)) ** 2 + ((xx - w / 2) / (0.45 * w)) ** 2)
-    img = np.zeros((h, w), np.float32)
-    img[r < 1.0] = 0.9  # scalp
-    img[r < 0.9] = 0.05  # skull
-    img[r < 0.8] = 0.7  # brain
-    img[r < 0.2] = 0.1  # ventricle (a hole to fill)
-    return np.clip(img + 0.02 * rng.random((h, w)), 0, 1).astype(np.float32)
+from tests.utils import synthetic_head
 
 
 class TestReadAndScale(unittest.TestCase):

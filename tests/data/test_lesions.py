@@ -9,29 +9,12 @@ import unittest
 
 import nibabel as nib
 import numpy as np
-from PIL import Image
 
 from berdiff.data.images2d import brain_mask
 from berdiff.data.lesions import LesionFamily, add_lesion, make_lesions
-from tests.data.test_images2d import synthetic_head
+from tests.utils import textured_head, write_heads
 
 FAMILIES = list(LesionFamily.__members__.values())
-
-
-def textured_head(h: int, w: int, i: int) -> np.ndarray:
-    """A synthetic head with a subject-specific texture inside the brain (so that deformations and foreign patches
-    change the image)."""
-    img = synthetic_head(h, w, seed=i)
-    inside = (img > 0.5) & (img < 0.8)
-    texture = np.random.default_rng(100 + i).random((h, w)) > 0.5
-    return np.where(inside, img - 0.15 * texture, img).astype(np.float32)
-
-
-def write_heads(folder: str, n: int, h: int = 72, w: int = 64) -> None:
-    os.makedirs(folder, exist_ok=True)
-    for i in range(n):
-        img = textured_head(h, w, i)
-        Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(os.path.join(folder, f"sub{i:02d}.png"))
 
 
 def load(path: str) -> np.ndarray:

@@ -256,7 +256,7 @@ def demo(
     steps.start("stage 2: Bernoulli diffusion denoiser (one line per epoch)")
     _run(
         bundle_cmd
-        + ["training", "--config_file", str(configs / "train_diffusion.yaml")]
+        + ["training", "--config_file", repr([str(configs / f"train_{s}.yaml") for s in ("autoencoder", "diffusion")])]
         + common
         + ["--max_epochs", str(diffusion_epochs), "--batch_size", str(diffusion_batch_size),
            "--learning_rate", str(diffusion_learning_rate), "--output_dir", str(logs_dir / "train_diffusion"),
