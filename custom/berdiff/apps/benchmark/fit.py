@@ -30,7 +30,7 @@ from berdiff.apps.benchmark.settings import REFERENCE_SETTINGS, BenchmarkSetting
 from berdiff.engines import BernoulliPrepareBatch
 from berdiff.losses import AutoencoderLoss, timestep_only_bce
 from berdiff.networks import autoencoder_from_preset, denoiser_from_preset
-from berdiff.schedulers import BernoulliScheduler
+from berdiff.schedulers import BernoulliPredictionType, BernoulliScheduler
 from berdiff.utils import atomic_save_torch, to_json_safe
 
 __all__ = ["METHOD_PARTS", "Models", "cache_key", "cached", "fit", "log", "max_timestep", "n_params", "train_models"]
@@ -288,7 +288,8 @@ def train_models(
     listing = [str(p) for p in train_files]
     ckpt_dir = out_dir / "checkpoints"
     training: dict[str, dict[str, Any]] = {}
-    models = Models(None, None, None, BernoulliScheduler(num_train_timesteps=T), DDPMScheduler(num_train_timesteps=T))
+    bernoulli = BernoulliScheduler(num_train_timesteps=T, prediction_type=t.prediction_type)
+    models = Models(None, None, None, bernoulli, DDPMScheduler(num_train_timesteps=T))
     budget = t.budget_flops
     ae_budget = None if budget is None else t.ae_share * budget
     fit_kwargs = t.fit_options()
@@ -317,6 +318,8 @@ def train_models(
                        "overrides": overrides, "T": T, "max_timestep": b_max_t, "iterations": t.diffusion_iterations,
                        "budget": un_budget, "batch_size": t.diffusion_batch_size, "lr": t.diffusion_lr, "seed": seed,
                        "max_seconds": t.max_train_seconds, "ema": t.ema_momentum}
+        if t.prediction_type != BernoulliPredictionType.FLIP:  # flip checkpoints keep their earlier cache key
+            un_settings["prediction_type"] = t.prediction_type
         un_key = cache_key(listing, un_settings)
         unet = models.unet = denoiser_from_preset(t.denoiser_preset, latent_channels=ae.latent_channels, **overrides)
         unet.to(device)
@@ -333,6 +336,7 @@ def train_models(
         info = cached(ckpt_dir / f"bernoulli_{un_key}.pt", unet, train_unet, un_settings)
         training["bernoulli denoiser"] = {**info, "batch_size": t.diffusion_batch_size, "lr": t.diffusion_lr,
                                           "params": n_params(unet), "key": un_key, "max_timestep": b_max_t,
+                                          "prediction_type": t.prediction_type,
                                           "baseline_loss": timestep_only_bce(models.bernoulli, b_max_t),
                                           "baseline": "timestep-only flip predictor (closed form)"}
     if Method.DDPM in methods:

@@ -103,6 +103,7 @@ def benchmark(
     budget_tflop: float | None = None,
     ae_share: float = 0.5,
     train_max_timestep: int | str | None = "auto",
+    prediction_type: str = "sample",
     ema_momentum: float = 0.001,
     precision: str = "auto",
     compile: bool = False,
@@ -139,7 +140,7 @@ def benchmark(
         size, seed, lesion_seed, tune_fraction, limit_train: see ``DataSettings``.
         ae_preset, ae_iterations, ae_batch_size, ae_lr, denoiser_preset, denoiser_channels, ddpm_channels,
             diffusion_iterations, diffusion_batch_size, diffusion_lr, budget_tflop, ae_share, train_max_timestep,
-            ema_momentum, precision, compile, max_train_seconds, num_train_timesteps: see ``TrainingSettings``.
+            prediction_type, ema_momentum, precision, compile, max_train_seconds, num_train_timesteps: see ``TrainingSettings``.
         noise_levels, prob_thresholds, ddpm_noise_levels, tune_steps, k_values, k_tolerance, ddpm_steps, ddpm_eta,
             timing_slices, eval_batch_size, min_component: see ``SweepSettings``.
         device: torch device (default: CUDA if available, else CPU).

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from monai.utils import StrEnum, look_up_option
 
+from berdiff.schedulers import BernoulliPredictionType
+
 __all__ = [
     "DATA_DIR_ENV",
     "METHOD_LABELS",
@@ -151,6 +153,8 @@ class TrainingSettings:
         ae_share: fraction of ``budget_tflop`` for the autoencoder.
         train_max_timestep: diffusion training timesteps are drawn from ``[0, max)``: ``"auto"`` = the largest L of
             the method's sweep, None = all T.
+        prediction_type: what the Bernoulli denoiser's logits predict (``berdiff.schedulers.BernoulliPredictionType``):
+            ``sample`` (the clean code) or ``flip`` (x_t XOR x_0).
         ema_momentum: final momentum of the warm-up EMA whose weights are evaluated.
         precision: training precision (``berdiff.trainers.Precision``).
         compile: ``torch.compile`` the networks for training.
@@ -171,6 +175,7 @@ class TrainingSettings:
     budget_tflop: float | None = None
     ae_share: float = 0.5
     train_max_timestep: int | str | None = "auto"
+    prediction_type: str = "sample"
     ema_momentum: float = 0.001
     precision: str = "auto"
     compile: bool = False
@@ -180,6 +185,8 @@ class TrainingSettings:
     def __post_init__(self) -> None:
         if self.budget_tflop is not None and not (float(self.budget_tflop) > 0 and 0 < self.ae_share < 1):
             raise ValueError(f"need budget_tflop > 0 and ae_share in (0, 1), got {self.budget_tflop}, {self.ae_share}.")
+        prediction = look_up_option(self.prediction_type, BernoulliPredictionType)
+        object.__setattr__(self, "prediction_type", str(prediction))
 
     @property
     def budget_flops(self) -> float | None:

@@ -139,6 +139,12 @@ def score_split(
         masks = np.stack([brain_mask(x) for x in split["images"]])
         res["auroc_brain_pooled"] = pixel_auroc(maps, split["labels"], masks)
         res["auprc_brain_pooled"] = pixel_auprc(maps, split["labels"], masks)
+        # the latent maps (masked and unmasked methods), scored the same way as the image-space map
+        res["latent_maps"] = {
+            name: {"auroc_brain_pooled": pixel_auroc(lat, split["labels"], masks),
+                   "auprc_brain_pooled": pixel_auprc(lat, split["labels"], masks)}
+            for name, lat in stats["latent"].items()
+        }
         h_maps, h_recons, _ = run_maps(fn, split["healthy"], batch_size, device, offset=10_000)
         res["slice_auroc"] = _slice_auroc(maps, split["images"], h_maps, split["healthy"])
         res["psnr_healthy"] = mean_std([psnr(r, x, max_val=1.0) for r, x in zip(h_recons, split["healthy"])])["mean"]

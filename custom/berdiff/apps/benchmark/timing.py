@@ -83,9 +83,10 @@ def run_maps(
         device: the device.
         offset: index of the first image (seeds its noise).
         stats: gets ``mask_fraction``, the mean fraction of latent entries in the final mask (methods that return a
-            ``mask``; ``None`` otherwise).
+            ``mask``; ``None`` otherwise), and ``latent``: every ``latent_<name>`` map the method returns, (N, H, W).
     """
     maps, recons, fractions = [], [], []
+    latent: dict[str, list[np.ndarray]] = {}
     start = time.perf_counter()
     for b in range(0, len(images), batch_size):
         x = torch.as_tensor(images[b : b + batch_size], dtype=torch.float32, device=device)[:, None]
@@ -94,9 +95,12 @@ def run_maps(
         recons.append(out["reconstruction"][:, 0].cpu().numpy())
         if "mask" in out:
             fractions += out["mask"].float().flatten(1).mean(1).cpu().tolist()
+        for key in (k for k in out if k.startswith("latent_") and k != "latent_flip_map"):
+            latent.setdefault(key[len("latent_"):], []).append(out[key][:, 0].float().cpu().numpy())
     seconds = time.perf_counter() - start
     if stats is not None:
         stats["mask_fraction"] = float(np.mean(fractions)) if fractions else None
+        stats["latent"] = {name: np.concatenate(parts) for name, parts in latent.items()}
     if not maps:
         shape = (0, *images.shape[1:])
         return np.zeros(shape, np.float32), np.zeros(shape, np.float32), seconds
