@@ -213,7 +213,7 @@ def _fit(
     with ``FlopCounterMode``), optionally capped at ``max_seconds``.
     """
     from berdiff.data.tensor_loader import TensorLoader
-    from berdiff.trainers import LossMonitor, WarmupEMAHandler, adamw, build_trainer, training_flops
+    from berdiff.training import LossMonitor, WarmupEMAHandler, adamw, build_trainer, training_flops
 
     torch.manual_seed(seed)
     data = {k: v.to(device) for k, v in data.items()}
@@ -822,7 +822,7 @@ def benchmark(
         unet = denoiser_from_preset(denoiser_preset, latent_channels=ae.latent_channels, **overrides).to(dev)
 
         def train_unet() -> dict[str, Any]:
-            from berdiff.trainers import encode_dataset
+            from berdiff.training import encode_dataset
 
             codes = encode_dataset([{"image": x} for x in images_t], ae, dev, batch_size=64)
             return _fit(unet, nn.BCEWithLogitsLoss(), {"image": codes.float()}, diffusion_batch_size, diffusion_lr,

@@ -23,10 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from berdiff.io import atomic_write_json, check_checkpoint, load_datalist
+from berdiff.io import check_checkpoint, load_datalist
 from berdiff.metrics import threshold_at_fpr
 from berdiff.model_description import load_pipeline_weights
-from berdiff.transforms import root_cause, volume_preprocessing
+from berdiff.transforms import volume_preprocessing
+from berdiff.utils import atomic_write_json
+from berdiff.validation import check_settings, root_cause
 
 __all__ = ["healthy_scores", "threshold_from_maps", "load_threshold", "calibrate", "CALIBRATION_VERSION"]
 
@@ -192,8 +194,6 @@ def calibrate(
     parser.read_config(config_file)
     parser.update(_overrides(bundle_root, device, overrides))
     if "checked_settings" in parser:  # the knobs, with the bundle run's one-line messages
-        from berdiff.validation import check_settings
-
         check_settings(parser.get_parsed_content("checked_settings"))
     dev = torch.device(parser.get_parsed_content("device"))
     ckpt_path = parser.get_parsed_content("ckpt_path")

@@ -41,7 +41,7 @@ import torch.nn as nn
 from ignite.engine import Engine
 from monai.handlers import CheckpointLoader
 
-from berdiff.io import atomic_write_json
+from berdiff.utils import atomic_write_json
 from berdiff.networks.presets import Preset, autoencoder_from_preset, denoiser_from_preset
 from berdiff.schedulers import BernoulliPredictionType
 

@@ -39,7 +39,7 @@ from monai.networks.schedulers import DDPMScheduler
 
 from berdiff.baselines import GaussianPartialNoisingInferer
 from berdiff.benchmark import _PeakMemory
-from berdiff.io import atomic_write_json
+from berdiff.utils import atomic_write_json
 from berdiff.networks import AnomalyPipeline, autoencoder_from_preset, denoiser_from_preset
 from berdiff.networks.presets import DENOISER_PRESETS, Preset
 from berdiff.scale import HeadSliceInferer, is_out_of_memory

@@ -35,7 +35,7 @@ from berdiff.engines import BernoulliPrepareBatch
 from berdiff.losses import AutoencoderLoss
 from berdiff.networks import autoencoder_from_preset, denoiser_from_preset
 from berdiff.schedulers import BernoulliScheduler
-from berdiff.trainers import LossMonitor, WarmupEMAHandler, adamw, build_trainer
+from berdiff.training import LossMonitor, WarmupEMAHandler, adamw, build_trainer
 
 __all__ = ["Stage", "TrainPath", "measure", "train_speed"]
 

@@ -1,12 +1,9 @@
+# SPDX-License-Identifier: Apache-2.0
 # Copyright (c) berdiff contributors
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#     http://www.apache.org/licenses/LICENSE-2.0
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-"""Ignite handlers and run steps of the bundles: run summary, timing and memory, progress, preflight checks, errors."""
+"""
+``run_summary.json``: the per-case status, timing split and memory of an inference run, written atomically after
+every case (:class:`RunSummaryHandler`), and the peak-memory probe it uses.
+"""
 
 from __future__ import annotations
 
@@ -17,42 +14,20 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Generator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import monai
 import torch
-from monai.utils import StrEnum
 
-from berdiff.io import (
-    MissingData,
-    atomic_write_json,
-    case_name,
-    check_checkpoint,
-    check_unique_outputs,
-    inference_datalist,
-)
-from berdiff.scale import CaseStatus
-from berdiff.transforms import root_cause
-from berdiff.validation import check_settings, exit_on_error
+from berdiff.scale.cases import CaseStatus
+from berdiff.utils import atomic_write_json, case_name, to_json_safe
+from berdiff.validation.errors import root_cause
 
-__all__ = [
-    "OnError",
-    "RunSummaryHandler",
-    "TrainingProgress",
-    "format_duration",
-    "peak_memory_mb",
-    "inference_mode",
-    "preflight",
-    "training_preflight",
-    "run_evaluator",
-    "report_failures",
-    "RUN_SUMMARY_FIELDS",
-    "CASE_FIELDS",
-]
+__all__ = ["RUN_SUMMARY_FIELDS", "CASE_FIELDS", "peak_memory_mb", "RunSummaryHandler"]
 
 logger = logging.getLogger(__name__)
+
 
 #: top-level fields of ``run_summary.json``
 RUN_SUMMARY_FIELDS = (
@@ -80,6 +55,8 @@ RUN_SUMMARY_FIELDS = (
     "skipped",
     "failed",
 )
+
+
 #: fields of each entry of ``run_summary.json["cases"]``
 CASE_FIELDS = (
     "case",
@@ -102,18 +79,6 @@ CASE_FIELDS = (
 )
 
 
-class OnError(StrEnum):
-    """
-    What happens when a case fails: ``exit`` stops the run and exits with ``error: <root cause>`` (status 1, no
-    stack trace), ``raise`` stops it and raises the root cause (Python API), ``continue`` records the failed case in
-    ``run_summary.json``, runs the others and exits with status 1 at the end (:func:`report_failures`).
-    """
-
-    RAISE = "raise"
-    EXIT = "exit"
-    CONTINUE = "continue"
-
-
 def _is_cuda(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" and torch.cuda.is_available()
 
@@ -134,23 +99,6 @@ def peak_memory_mb(device: torch.device | str) -> tuple[str, float]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # kilobytes on Linux, bytes on macOS
     return "process_max_rss", rss / (2**20 if sys.platform == "darwin" else 2**10)
-
-
-def _to_builtin(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _to_builtin(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_builtin(v) for v in value]
-    if isinstance(value, torch.device):
-        return str(value)
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return str(value)
 
 
 class RunSummaryHandler:
@@ -199,7 +147,7 @@ class RunSummaryHandler:
     ) -> None:
         self.output_dir = os.fspath(output_dir)
         self.path = os.path.join(self.output_dir, filename)
-        self.settings = _to_builtin(dict(settings or {}))
+        self.settings = to_json_safe(dict(settings or {}))
         self.image_key = image_key
         self.output_postfixes = tuple(output_postfixes)
         self.output_ext = output_ext
@@ -297,7 +245,7 @@ class RunSummaryHandler:
         value = batch.get(key) if isinstance(batch, Mapping) else None
         if value is None:
             return None
-        value = _to_builtin(value)
+        value = to_json_safe(value)
         value = value[0] if isinstance(value, list) and value else value
         return round(float(value), 4) if isinstance(value, (int, float)) else None
 
@@ -315,7 +263,7 @@ class RunSummaryHandler:
             case=name,
             status=CaseStatus.FAILED.value,
             error=failure.get("error"),
-            image=_to_builtin(self._source(failure.get("image"))),
+            image=to_json_safe(self._source(failure.get("image"))),
             wall_time_s=round(now - self._t_get, 4),
             outputs=[],
         )
@@ -366,7 +314,7 @@ class RunSummaryHandler:
             "case": name,
             "status": CaseStatus.WRITING.value if self.write_queue is not None else CaseStatus.DONE.value,
             "error": None,
-            "image": _to_builtin(source),
+            "image": to_json_safe(source),
             "wall_time_s": round(wall, 4),
             "load_time_s": self._batch_time(engine, "load_time_s"),
             "preprocess_time_s": self._batch_time(engine, "preprocess_time_s"),
@@ -464,299 +412,3 @@ class RunSummaryHandler:
             self.summary["finished_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             atomic_write_json(self.summary, self.path)
         raise cause
-
-
-def format_duration(seconds: float | None) -> str:
-    """``h:mm:ss`` (``m:ss`` under an hour); ``?`` when unknown."""
-    if seconds is None or not seconds == seconds or seconds < 0:
-        return "?"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def _loss_values(output: Any) -> dict[str, float]:
-    """The loss(es) of a trainer iteration output (``decollate`` off: a dict; on: a list of dicts)."""
-    from berdiff.training import training_loss_output
-
-    if isinstance(output, (list, tuple)) and output and isinstance(output[0], Mapping):
-        output = output[0]
-    if not isinstance(output, Mapping):
-        return {}
-    try:
-        value = training_loss_output(output)
-    except (KeyError, TypeError, ValueError):
-        return {}
-    return dict(value) if isinstance(value, Mapping) else {"loss": float(value)}
-
-
-class TrainingProgress:
-    """
-    Training progress in the terminal (stdout, flushed): one line per epoch with the epoch's mean loss, the elapsed
-    time and the estimated time left, and within long epochs one line at least every ``interval_s`` seconds, so that a
-    slow run can be told from a hung one. The estimate extrapolates the iterations done in this run (a resumed run
-    counts from where it resumed). Attach it as a trainer handler (``train_handlers``) on the main process only.
-
-    Args:
-        name: the run's name at the start of every line (e.g. ``train_autoencoder``).
-        interval_s: longest silence within an epoch, in seconds (one line after the iteration that exceeds it).
-        stream: where the lines go (default ``sys.stdout`` at the time of printing).
-        enabled: False prints nothing (e.g. ranks other than 0).
-    """
-
-    def __init__(
-        self, name: str = "training", interval_s: float = 20.0, stream: Any = None, enabled: bool = True
-    ) -> None:
-        if not interval_s > 0:
-            raise ValueError(f"interval_s must be > 0, got {interval_s}.")
-        self.name = name
-        self.interval_s = float(interval_s)
-        self.stream = stream
-        self.enabled = enabled
-        self._t0 = self._t_line = 0.0
-        self._start_iteration = 0
-        self._sums: dict[str, float] = {}
-        self._count = 0
-
-    def attach(self, engine: Any) -> None:
-        """Registers the event handlers on an ignite engine."""
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.STARTED, self.started)
-        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
-        engine.add_event_handler(Events.COMPLETED, self.completed)
-
-    def _print(self, text: str) -> None:
-        if self.enabled:
-            print(f"{self.name}: {text}", file=self.stream or sys.stdout, flush=True)
-        self._t_line = time.perf_counter()
-
-    def _timing(self, engine: Any) -> str:
-        state = engine.state
-        elapsed = time.perf_counter() - self._t0
-        done = state.iteration - self._start_iteration
-        total = (state.max_epochs or 0) * (state.epoch_length or 0)
-        eta = elapsed / done * max(total - state.iteration, 0) if done > 0 and total else None
-        return f"elapsed {format_duration(elapsed)}, eta {format_duration(eta)}"
-
-    def _losses(self) -> str:
-        if not self._count:
-            return ""
-        return ", ".join(f"{k} {v / self._count:.4f}" for k, v in self._sums.items()) + ", "
-
-    def started(self, engine: Any) -> None:
-        self._t0 = time.perf_counter()
-        self._start_iteration = engine.state.iteration
-        state = engine.state
-        self._print(
-            f"starting at epoch {state.epoch + 1}/{state.max_epochs} ({state.epoch_length} iterations per epoch)"
-        )
-
-    def epoch_started(self, engine: Any) -> None:
-        self._sums, self._count = {}, 0
-
-    def iteration_completed(self, engine: Any) -> None:
-        for k, v in _loss_values(engine.state.output).items():
-            self._sums[k] = self._sums.get(k, 0.0) + v
-        self._count += 1
-        if time.perf_counter() - self._t_line >= self.interval_s:
-            state = engine.state
-            within = (state.iteration - 1) % state.epoch_length + 1 if state.epoch_length else state.iteration
-            self._print(
-                f"epoch {state.epoch}/{state.max_epochs}, iteration {within}/{state.epoch_length}, "
-                f"{self._losses()}{self._timing(engine)}"
-            )
-
-    def epoch_completed(self, engine: Any) -> None:
-        state = engine.state
-        self._print(f"epoch {state.epoch}/{state.max_epochs}, {self._losses()}{self._timing(engine)}")
-
-    def completed(self, engine: Any) -> None:
-        self._print(f"done in {format_duration(time.perf_counter() - self._t0)}")
-
-
-@contextmanager
-def inference_mode(*nets: torch.nn.Module) -> Generator[list, None, None]:
-    """
-    Like ``monai.networks.utils.eval_mode`` (networks in eval mode, restored afterwards) but under
-    ``torch.inference_mode`` instead of ``torch.no_grad``; usable as an engine's ``mode``.
-
-    Args:
-        nets: networks to put in eval mode.
-    """
-    training = [n for n in nets if getattr(n, "training", False)]
-    try:
-        with torch.inference_mode():
-            yield [n.eval() if hasattr(n, "eval") else n for n in nets]
-    finally:
-        for n in training:
-            n.train()
-
-
-def _fail(error: BaseException, on_error: str) -> None:
-    """Reports ``error``'s root cause: ``exit`` without a stack trace (:func:`berdiff.validation.exit_on_error`), or
-    ``raise``."""
-    cause = root_cause(error)
-    if on_error in (OnError.EXIT, OnError.CONTINUE):
-        logger.debug(f"run failed: {type(cause).__name__}: {cause}")
-        exit_on_error(error)
-    if cause is error:
-        raise error
-    raise cause from None
-
-
-def _check_on_error(on_error: str) -> None:
-    if on_error not in OnError.__members__.values():
-        raise ValueError(f"on_error must be one of {list(OnError.__members__.values())}, got {on_error!r}.")
-
-
-def preflight(
-    image: Any = None,
-    datalist: Any = None,
-    dataset_dir: Any = None,
-    modalities: Sequence[str] = ("t1", "t1ce", "t2", "flair"),
-    datalist_key: str | None = None,
-    ckpt_path: str | None = None,
-    allow_random_weights: bool = False,
-    on_error: str = OnError.EXIT,
-    settings: Mapping[str, Any] | None = None,
-    threshold_file: str | None = None,
-) -> int:
-    """
-    Checks the settings (:func:`berdiff.validation.check_settings`), the inputs
-    (:func:`berdiff.io.inference_datalist`; no two cases with the same output names), the calibration file and the
-    model weights (present, and a state dict of the preset of ``models/model.json``, else the configured one; L
-    within the trained range) before the workflow builds its components, so
-    that a bad knob, input folder or datalist gives one clear error line instead of a configuration stack trace.
-    Arguments as in ``configs/inference.yaml``; ``settings``: knob name -> value (the config's ``checked_settings``).
-
-    Returns:
-        the number of cases.
-    """
-    _check_on_error(on_error)
-    try:
-        settings = check_settings(settings or {})
-        cases = inference_datalist(image, datalist, dataset_dir, modalities, datalist_key)
-        check_unique_outputs(cases)
-        if threshold_file:
-            from berdiff.calibration import load_threshold
-
-            load_threshold(threshold_file)
-        if ckpt_path is not None:
-            preset, in_channels = settings.get("preset"), len(modalities)
-            if "noise_level" in settings:  # models/model.json decides the sizes and the trained range of L
-                from berdiff.model_description import inference_settings
-
-                model = inference_settings(
-                    ckpt_path, preset, in_channels, settings.get("spatial_size"),
-                    settings.get("num_train_timesteps", 1000), settings["noise_level"],
-                    settings.get("num_inference_steps"),
-                )
-                preset, in_channels = model["preset"], model["in_channels"]
-            check_checkpoint(ckpt_path, allow_random_weights, preset, in_channels)
-    except Exception as e:
-        _fail(e, on_error)
-    return len(cases)
-
-
-def training_preflight(
-    settings: Mapping[str, Any] | None = None,
-    datalist: Sequence[Any] | None = None,
-    weights: str | Sequence[str] | None = None,
-    on_error: str = OnError.EXIT,
-) -> int:
-    """
-    The first step of a training config's ``run``: checks the settings (:func:`berdiff.validation.check_settings`),
-    that the training data are there (a :class:`berdiff.io.MissingData` list reports its error) and not empty,
-    and that the weights of the earlier stage exist, before anything is built or written.
-
-    Args:
-        settings: knob name -> value.
-        datalist: the training datalist (``@train#datalist``).
-        weights: the earlier stage's checkpoint (or candidate files, the first existing one is used); None: none.
-        on_error: an :class:`OnError`.
-
-    Returns:
-        the number of training items.
-    """
-    _check_on_error(on_error)
-    try:
-        check_settings(settings or {})
-        if isinstance(datalist, MissingData):
-            raise datalist.error
-        if datalist is not None and len(datalist) == 0:
-            raise ValueError("the training datalist holds no items: nothing to train on.")
-        if weights is not None:
-            candidates = [weights] if isinstance(weights, (str, os.PathLike)) else list(weights)
-            if not any(os.path.isfile(p) for p in candidates):
-                raise FileNotFoundError(
-                    f"checkpoint not found: {', '.join(map(str, candidates))} (train the earlier stage first)."
-                )
-    except Exception as e:
-        _fail(e, on_error)
-    return len(datalist or [])
-
-
-def run_evaluator(
-    evaluator: Any,
-    ckpt_path: str | None = None,
-    allow_random_weights: bool = False,
-    on_error: str = OnError.EXIT,
-    use_inference_mode: bool = True,
-) -> Any:
-    """
-    Runs an evaluator (the bundle's ``run`` step): checks the model weights first (:func:`berdiff.io.
-    check_checkpoint`), and on failure reports the root cause of the error (the clear ``ValueError`` of an input check
-    rather than MONAI's ``RuntimeError("applying transform ...")`` wrapper).
-
-    Args:
-        evaluator: the ``SupervisedEvaluator``.
-        ckpt_path: the model weights; None skips the check.
-        allow_random_weights: allow a missing ``ckpt_path`` (tests, debugging).
-        on_error: an :class:`OnError`: ``exit`` prints ``error: <root cause>`` and exits with status 1 without a
-            stack trace (command line), ``raise`` raises the root cause (Python API).
-        use_inference_mode: run the network under :func:`inference_mode` (``torch.inference_mode``) instead of
-            the evaluator's default ``no_grad`` context.
-
-    Returns:
-        the evaluator's state.
-    """
-    _check_on_error(on_error)
-    if use_inference_mode:
-        evaluator.mode = inference_mode
-    try:
-        if ckpt_path is not None and not check_checkpoint(ckpt_path, allow_random_weights):
-            logger.warning(f"model weights {ckpt_path} not found: running with RANDOM weights (allow_random_weights).")
-        evaluator.run()
-    except Exception as e:
-        _fail(e, on_error)
-    return evaluator.state
-
-
-def report_failures(evaluator: Any, on_error: str = OnError.EXIT) -> int:
-    """
-    The last step of a run with ``on_error=continue``: when some cases failed (recorded in ``run_summary.json``
-    by :class:`RunSummaryHandler`), prints ``error: N case(s) failed: ...`` and exits with status 1 (``raise``:
-    raises a ``RuntimeError``); the other cases' outputs are complete. A no-op when no case failed.
-
-    Args:
-        evaluator: the evaluator that ran (its ``state.run_summary``).
-        on_error: an :class:`OnError`.
-
-    Returns:
-        the number of failed cases (0).
-    """
-    summary = getattr(getattr(evaluator, "state", None), "run_summary", None) or {}
-    failed = list(summary.get("failed") or [])
-    if not failed:
-        return 0
-    shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
-    error = RuntimeError(
-        f"{len(failed)} of {summary.get('num_cases')} case(s) failed: {shown} (errors in run_summary.json; the "
-        "other cases are complete)"
-    )
-    _fail(error, OnError.RAISE if on_error == OnError.RAISE else OnError.EXIT)
-    return len(failed)
