@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from monai.transforms import Invertd
 
-from berdiff.transforms import HeadPercentileScaled, root_cause, volume_preprocessing
+from berdiff.transforms import HeadPercentileScaled, volume_preprocessing
+from berdiff.validation import root_cause
 
 AFFINE = np.array([[-1.5, 0, 0, 10], [0, 0, 2.0, -5], [0, -1.0, 0, 3], [0, 0, 0, 1]])  # non-RAS, anisotropic
 

@@ -15,10 +15,10 @@ import numpy as np
 from berdiff.data.brats import (
     DATALIST_NAME,
     axial_slice_range,
-    find_brats_cases,
     prepare_brats,
     split_subjects,
 )
+from berdiff.data.brats_cases import find_brats_cases
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 #: subjects with a tumour cube, and the axial slices (RAS index) it covers

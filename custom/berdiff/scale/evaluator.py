@@ -68,7 +68,7 @@ class CaseEvaluator(SupervisedEvaluator):
 
     @staticmethod
     def _failure(batchdata: Any, error: str) -> dict[str, Any]:
-        """The failed case (named like its output files, see :func:`berdiff.io.case_name`), its files, the error."""
+        """The failed case (named like its output files, see :func:`berdiff.utils.case_name`), its files, the error."""
         case = image = None
         if isinstance(batchdata, Mapping):
             image = batchdata.get("image")

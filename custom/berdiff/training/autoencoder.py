@@ -96,7 +96,7 @@ def autoencoder_trainer(
     **kwargs: Any,
 ) -> SupervisedTrainer | AdversarialTrainer:
     """
-    The stage-1 trainer: MONAI ``SupervisedTrainer`` (L1 only, through :func:`berdiff.trainers.build_trainer`), or
+    The stage-1 trainer: MONAI ``SupervisedTrainer`` (L1 only, through :func:`berdiff.training.build_trainer`), or
     ``AdversarialTrainer`` with a PatchGAN
     discriminator when ``adversarial`` is True.
 
@@ -110,7 +110,7 @@ def autoencoder_trainer(
         d_optimizer: its optimiser.
         g_adv_loss: generator adversarial loss (e.g. :class:`DelayedAdversarialLoss`), attached to the trainer.
         d_adv_loss: discriminator adversarial loss, attached to the trainer.
-        precision, channels_last, compile: see :func:`berdiff.trainers.build_trainer` (the adversarial trainer
+        precision, channels_last, compile: see :func:`berdiff.training.build_trainer` (the adversarial trainer
             takes only the precision).
         kwargs: other trainer arguments (``inferer`` is passed as ``g_inferer`` to the adversarial trainer).
     """

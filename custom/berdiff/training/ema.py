@@ -70,7 +70,7 @@ class LossMonitor:
         interval: iterations between reads.
         name: label of the log lines.
         loss_key: key of the loss in the trainer's output.
-        log: write log lines (``logging`` at INFO, logger ``berdiff.trainers``, or ``print_fn``).
+        log: write log lines (``logging`` at INFO, logger ``berdiff.training.ema``, or ``print_fn``).
         print_fn: optional function that receives the log lines instead of the logger.
     """
 

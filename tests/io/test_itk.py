@@ -13,9 +13,9 @@ import nibabel as nib
 import numpy as np
 from parameterized import parameterized
 
-from berdiff.io import case_name
-from berdiff.itk_io import image_stem, is_itk_image, read_itk_header
+from berdiff.io import is_itk_image, read_itk_header
 from berdiff.transforms import CheckImageFilesd
+from berdiff.utils import case_name, image_stem
 from tests.bundles.test_brats_inference import MODALITIES, NON_RAS_AFFINE, make_case, make_model, run_workflow
 
 
