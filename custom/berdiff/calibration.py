@@ -23,9 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from berdiff.io import check_checkpoint, load_datalist
+from berdiff.io import check_checkpoint, load_datalist, load_pipeline_weights
 from berdiff.metrics import threshold_at_fpr
-from berdiff.model_description import load_pipeline_weights
 from berdiff.transforms import volume_preprocessing
 from berdiff.utils import atomic_write_json
 from berdiff.validation import check_settings, root_cause
