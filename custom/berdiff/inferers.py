@@ -37,13 +37,6 @@ class MaskedBernoulliInferer(MaskedBernoulliSampler, Inferer):
     :class:`LatentReduction`, :class:`StepPosterior`, :class:`LatentMap`) are importable from here as well.
 
     Args:
-        scheduler: the :class:`~berdiff.schedulers.BernoulliScheduler` the denoiser was trained with.
-        noise_level: L, the number of noise steps (``1 <= L <= num_train_timesteps``).
-        prob_threshold: P, flip probability above which a latent entry may be re-generated (in [0, 1]).
-        num_inference_steps: K, the number of denoising steps (network calls); L when None.
-        final_code: a :class:`FinalCode`.
-        masked: False switches the masking off (plain partial denoising, the "unmasked" ablation).
-        latent_reduction: a :class:`LatentReduction` over latent channels for ``latent_flip_probability``.
-        anomaly_reference: an :class:`AnomalyReference`: what ``anomaly_map`` compares the reconstruction with.
-        step_posterior: a :class:`StepPosterior`: how each reverse step uses the soft estimate of ``x_0``.
+        scheduler, noise_level, prob_threshold, num_inference_steps, final_code, masked, latent_reduction,
+            anomaly_reference, step_posterior: see :class:`~berdiff.sampling.MaskedBernoulliSampler`.
     """

@@ -42,7 +42,8 @@ def _allowed(name: str, allowed: set[str]) -> bool:
 class TestLayering(unittest.TestCase):
     def test_method_layer_imports(self):
         for module, allowed in ALLOWED.items():
-            files = sorted((PACKAGE / module).glob("*.py")) if (PACKAGE / module).is_dir() else [PACKAGE / f"{module}.py"]
+            folder = PACKAGE / module
+            files = sorted(folder.glob("*.py")) if folder.is_dir() else [PACKAGE / f"{module}.py"]
             self.assertTrue(files, module)
             for path in files:
                 bad = sorted(n for n in _berdiff_imports(path) if not _allowed(n, allowed))

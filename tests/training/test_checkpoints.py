@@ -19,13 +19,17 @@ from berdiff.training import latest_checkpoint, load_weights, training_datalist
 from berdiff.utils import atomic_save_torch
 
 
-class TestStageWeights(unittest.TestCase):
+class _TempDirCase(unittest.TestCase):
+    """A fresh temporary folder ``self.tmp`` per test (to become ``tests.utils.TempDirMixin``)."""
+
     def setUp(self):
         self.tmp = tempfile.mkdtemp()
 
     def tearDown(self):
         shutil.rmtree(self.tmp, ignore_errors=True)
 
+
+class TestStageWeights(_TempDirCase):
     def test_load_weights_first_existing_candidate(self):
         torch.manual_seed(0)
         source = autoencoder_from_preset("tiny", in_channels=1)
@@ -44,7 +48,8 @@ class TestStageWeights(unittest.TestCase):
         before = {k: v.clone() for k, v in net.state_dict().items()}
         self.assertIs(load_weights(net, missing, missing_ok=True), net)
         self.assertTrue(all(torch.equal(before[k], v) for k, v in net.state_dict().items()))
-        other = atomic_save_torch(autoencoder_from_preset("tiny", in_channels=4).state_dict(), os.path.join(self.tmp, "x.pt"))
+        other = os.path.join(self.tmp, "x.pt")
+        atomic_save_torch(autoencoder_from_preset("tiny", in_channels=4).state_dict(), other)
         with self.assertRaisesRegex(ValueError, "does not fit"):
             load_weights(net, other)
 
@@ -59,13 +64,7 @@ class TestStageWeights(unittest.TestCase):
         self.assertEqual(latest_checkpoint(self.tmp), new)
 
 
-class TestTrainingDatalist(unittest.TestCase):
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp()
-
-    def tearDown(self):
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
+class TestTrainingDatalist(_TempDirCase):
     def test_json_sections(self):
         path = os.path.join(self.tmp, "datalist.json")
         with open(path, "w") as f:

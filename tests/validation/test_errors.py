@@ -52,8 +52,9 @@ class TestErrorLine(unittest.TestCase):
 
     def test_exit_on_error(self):
         stderr = io.StringIO()
-        with mock.patch.dict(os.environ, {DEBUG_ENV: "0"}), redirect_stderr(stderr), self.assertRaises(SystemExit) as ctx:
-            exit_on_error(ValueError("bad input"))
+        with mock.patch.dict(os.environ, {DEBUG_ENV: "0"}), redirect_stderr(stderr):
+            with self.assertRaises(SystemExit) as ctx:
+                exit_on_error(ValueError("bad input"))
         self.assertEqual(ctx.exception.code, 1)
         self.assertEqual(stderr.getvalue().strip(), "error: bad input")
 

@@ -14,7 +14,14 @@ import torch.distributed as dist
 
 from berdiff.utils import atomic_write_json
 
-__all__ = ["rank_and_world_size", "local_device", "init_distributed", "summary_filename", "merge_run_summaries", "finish_distributed"]
+__all__ = [
+    "rank_and_world_size",
+    "local_device",
+    "init_distributed",
+    "summary_filename",
+    "merge_run_summaries",
+    "finish_distributed",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,13 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type
 
-__all__ = ["CPU_SW_BATCH_SIZE", "CUDA_MAX_SW_BATCH_SIZE", "CUDA_BYTES_PER_PIXEL", "is_out_of_memory", "HeadSliceInferer"]
+__all__ = [
+    "CPU_SW_BATCH_SIZE",
+    "CUDA_MAX_SW_BATCH_SIZE",
+    "CUDA_BYTES_PER_PIXEL",
+    "is_out_of_memory",
+    "HeadSliceInferer",
+]
 
 logger = logging.getLogger(__name__)
 

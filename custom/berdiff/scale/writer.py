@@ -1,6 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 # Copyright (c) berdiff contributors
-"""Output files written on a background thread while the next case runs (:class:`WriteQueue`, :func:`background_writer`)."""
+"""
+Output files written on a background thread while the next case runs (:class:`WriteQueue`,
+:func:`background_writer`).
+"""
 
 from __future__ import annotations
 

@@ -19,7 +19,15 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import default_prepare_batch
 from monai.utils import StrEnum, look_up_option
 
-__all__ = ["Precision", "LearningRateRule", "resolve_precision", "scaled_learning_rate", "adamw", "build_trainer", "training_flops"]
+__all__ = [
+    "Precision",
+    "LearningRateRule",
+    "resolve_precision",
+    "scaled_learning_rate",
+    "adamw",
+    "build_trainer",
+    "training_flops",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,21 @@ from berdiff.validation.errors import KnobError
 if TYPE_CHECKING:  # torch and monai are imported when needed: python -m berdiff --help stays fast
     import torch
 
-__all__ = ["check_int", "check_float", "check_bool", "check_option", "check_preset", "spatial_multiple", "check_spatial_size", "check_device", "check_noise_level", "check_num_inference_steps", "check_prob_threshold", "SETTING_CHECKS", "check_settings"]
+__all__ = [
+    "check_int",
+    "check_float",
+    "check_bool",
+    "check_option",
+    "check_preset",
+    "spatial_multiple",
+    "check_spatial_size",
+    "check_device",
+    "check_noise_level",
+    "check_num_inference_steps",
+    "check_prob_threshold",
+    "SETTING_CHECKS",
+    "check_settings",
+]
 
 
 def _is_int(value: Any) -> bool:
