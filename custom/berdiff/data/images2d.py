@@ -38,6 +38,8 @@ from skimage.filters import threshold_otsu
 from skimage.measure import label as cc_label
 from skimage.morphology import disk
 
+from berdiff.utils import NIFTI_SUFFIXES, is_nifti
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "Intensity",
@@ -52,7 +54,7 @@ __all__ = [
 ]
 
 #: file endings recognised as 2D images (lower case)
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".nii", ".nii.gz")
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", *NIFTI_SUFFIXES)
 
 
 class Intensity(StrEnum):
@@ -100,7 +102,7 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
 def _read_raw(path: Path) -> np.ndarray:
     low = path.name.lower()
-    if low.endswith((".nii", ".nii.gz")):
+    if is_nifti(low):
         import nibabel as nib
 
         return np.asarray(nib.load(str(path)).dataobj)

@@ -29,7 +29,6 @@ further lesions (``max_lesions > 1``) draw their family at random. Everything is
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +39,7 @@ from monai.utils import StrEnum
 from scipy import ndimage
 
 from berdiff.data.images2d import Intensity, brain_mask, list_images, read_image, resize_image, scale_intensity, stem
+from berdiff.utils import atomic_write, atomic_write_json
 
 __all__ = ["LesionFamily", "add_lesion", "make_lesions", "write_nifti_2d"]
 
@@ -155,13 +155,11 @@ def add_lesion(
 
 
 def write_nifti_2d(array: np.ndarray, path: str | os.PathLike) -> None:
-    """Write a 2D array as a NIfTI file (identity affine), through a temporary name so no partial file is left."""
+    """Write a 2D array as a NIfTI file (identity affine) atomically (:func:`berdiff.utils.atomic_write`)."""
     import nibabel as nib
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-    nib.save(nib.Nifti1Image(np.asarray(array), np.eye(4)), str(tmp))
-    os.replace(tmp, path)
+    image = nib.Nifti1Image(np.asarray(array), np.eye(4))
+    atomic_write(path, lambda tmp: nib.save(image, tmp))
 
 
 def make_lesions(
@@ -267,7 +265,5 @@ def make_lesions(
         write_nifti_2d(label.astype(np.uint8), out_dir / "labels" / f"{name}.nii.gz")
         write_nifti_2d(img.astype(np.float32), out_dir / "healthy" / f"{name}.nii.gz")
         record["images"][name] = {"lesions": lesions, "label_px": int(label.sum())}
-    tmp = out_dir / ".lesions.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out_dir / "lesions.json")
+    atomic_write_json(record, out_dir / "lesions.json", indent=1)
     return record

@@ -19,6 +19,7 @@ from monai.utils import StrEnum
 
 from berdiff.io.checkpoints import check_checkpoint
 from berdiff.io.datalists import MissingData, check_unique_outputs, inference_datalist
+from berdiff.utils import MODALITIES
 from berdiff.validation.errors import exit_on_error, root_cause
 from berdiff.validation.knobs import check_settings
 
@@ -78,7 +79,7 @@ def preflight(
     image: Any = None,
     datalist: Any = None,
     dataset_dir: Any = None,
-    modalities: Sequence[str] = ("t1", "t1ce", "t2", "flair"),
+    modalities: Sequence[str] = MODALITIES,
     datalist_key: str | None = None,
     ckpt_path: str | None = None,
     allow_random_weights: bool = False,
