@@ -115,11 +115,11 @@ LATENT_MAP_KEYS = tuple(f"latent_{m.value}" for m in LatentMap)
 
 
 def _option(knob: str, value: str, options: type[StrEnum]) -> str:
-    """``value`` checked with ``monai.utils.look_up_option`` against ``options``; the error names ``knob``."""
+    """``value`` checked with ``monai.utils.look_up_option`` against ``options``; a one-line error names ``knob``."""
     try:
         return look_up_option(value, options)
-    except ValueError as e:
-        raise ValueError(f"{knob}: {e}") from e
+    except ValueError:
+        raise ValueError(f"{knob} must be one of {[m.value for m in options]}, got {value!r}.") from None
 
 
 def latent_map_keys(latent_maps: str | Sequence[str] | None) -> list[str]:

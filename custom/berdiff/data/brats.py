@@ -7,7 +7,7 @@
 # distributed under the License is distributed on an "AS IS" BASIS,
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 """
-BraTS-style brain MRI preparation: case discovery (BraTS folder layout or Decathlon-style datalist), subject-level
+BraTS-style brain MRI preparation: the cases (:func:`berdiff.data.brats_cases.find_brats_cases`), a subject-level
 split, axial slice extraction into a pre-sliced ``.npy`` cache and the datalist used by the training configs.
 
 Output of :func:`prepare_brats` (``out`` folder)::

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.transforms import Resize, SpatialPad
-from monai.utils import StrEnum
+from monai.utils import StrEnum, look_up_option
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.measure import label as cc_label
@@ -152,8 +152,10 @@ def scale_intensity(arr: np.ndarray, mode: str = Intensity.AUTO) -> np.ndarray:
         arr: the image.
         mode: an :class:`Intensity` name.
     """
-    if mode not in Intensity.__members__.values():
-        raise ValueError(f"intensity must be one of {list(Intensity.__members__.values())}, got {mode!r}.")
+    try:
+        look_up_option(mode, Intensity)
+    except ValueError:
+        raise ValueError(f"intensity must be one of {[m.value for m in Intensity]}, got {mode!r}.") from None
     a = np.asarray(arr)
     f = a.astype(np.float32)
     if not np.all(np.isfinite(f)):

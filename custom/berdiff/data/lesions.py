@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from monai.utils import StrEnum
+from monai.utils import StrEnum, look_up_option
 from scipy import ndimage
 
 from berdiff.data.images2d import Intensity, brain_mask, list_images, read_image, resize_image, scale_intensity, stem
@@ -52,6 +52,15 @@ class LesionFamily(StrEnum):
     FPI = "fpi"
     DEFORM = "deform"
     TEXTURE = "texture"
+
+
+def _lesion_family(family: str) -> LesionFamily:
+    """``family`` checked with ``monai.utils.look_up_option``; one clear error for an unknown name."""
+    try:
+        return look_up_option(family, LesionFamily)
+    except ValueError:
+        allowed = [m.value for m in LesionFamily]
+        raise ValueError(f"unknown lesion family {family!r}; choose from {allowed}.") from None
 
 
 def _ellipse(shape: tuple[int, int], center: tuple[float, float], radii: tuple[float, float], angle: float) -> np.ndarray:
@@ -88,9 +97,7 @@ def add_lesion(
     Returns:
         ``(new_image, label, params)``: the image with the lesion, the boolean label and the drawn parameters.
     """
-    if family not in LesionFamily.__members__.values():
-        raise ValueError(f"unknown lesion family {family!r}; choose from {list(LesionFamily.__members__.values())}.")
-    family = LesionFamily(family)
+    family = _lesion_family(family)
     img = np.asarray(image, dtype=np.float64)
     mask = np.asarray(mask, dtype=bool)
     if img.ndim != 2 or img.shape != mask.shape:
@@ -198,8 +205,7 @@ def make_lesions(
     """
     families = [str(f) for f in (families or list(LesionFamily.__members__.values()))]
     for f in families:
-        if f not in LesionFamily.__members__.values():
-            raise ValueError(f"unknown lesion family {f!r}; choose from {list(LesionFamily.__members__.values())}.")
+        _lesion_family(f)
     if int(max_lesions) < 1:
         raise ValueError(f"max_lesions must be >= 1, got {max_lesions}.")
     lo, hi = (float(v) for v in radius_range)

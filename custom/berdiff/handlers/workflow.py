@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from monai.utils import StrEnum
+from monai.utils import StrEnum, look_up_option
 
 from berdiff.io.checkpoints import check_checkpoint
 from berdiff.io.datalists import MissingData, check_unique_outputs, inference_datalist
@@ -71,8 +71,10 @@ def _fail(error: BaseException, on_error: str) -> None:
 
 
 def _check_on_error(on_error: str) -> None:
-    if on_error not in OnError.__members__.values():
-        raise ValueError(f"on_error must be one of {list(OnError.__members__.values())}, got {on_error!r}.")
+    try:
+        look_up_option(on_error, OnError)
+    except ValueError:
+        raise ValueError(f"on_error must be one of {[m.value for m in OnError]}, got {on_error!r}.") from None
 
 
 def preflight(

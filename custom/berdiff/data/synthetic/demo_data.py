@@ -18,7 +18,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from monai.utils import StrEnum
+from monai.utils import StrEnum, look_up_option
 
 from berdiff.data.synthetic.subjects import synthesize_subject
 from berdiff.data.synthetic.template import TEMPLATE_FILES, TemplateGrid, load_template, validate_shape
@@ -163,7 +163,7 @@ def make_demo_data(
     if len(radius) != 2 or not all(math.isfinite(r) for r in radius) or not 0 < radius[0] <= radius[1]:
         raise ValueError(f"tumour_radius_mm must be (low, high) with 0 < low <= high, got {tumour_radius_mm!r}")
     try:
-        seg_type = SegDType(seg_dtype)
+        seg_type = look_up_option(seg_dtype, SegDType)
     except ValueError:
         raise ValueError(f"seg_dtype must be one of {[m.value for m in SegDType]}, got {seg_dtype!r}") from None
     if not isinstance(case_prefix, str) or not case_prefix or not all(c.isalnum() or c == "-" for c in case_prefix):
