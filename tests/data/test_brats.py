@@ -19,8 +19,8 @@ from berdiff.data.brats import (
     split_subjects,
 )
 from berdiff.data.brats_cases import find_brats_cases
+from berdiff.utils import MODALITIES
 
-MODALITIES = ("t1", "t1ce", "t2", "flair")
 #: subjects with a tumour cube, and the axial slices (RAS index) it covers
 TUMOUR_SUBJECTS = (0, 2)
 TUMOUR_SLICES = (10, 11)

@@ -16,9 +16,9 @@ from monai.transforms import SaveImage
 from parameterized import parameterized
 
 from berdiff.io import AtomicNibabelWriter, case_name_formatter, check_checkpoint, inference_datalist, load_datalist
-from berdiff.utils import case_name
+from berdiff.utils import MODALITIES, case_name
 
-MODS = ("t1", "t1ce", "t2", "flair")
+MODS = MODALITIES
 
 
 def _touch_case(root: str, case: str, mods=MODS, seg: bool = False) -> None:
