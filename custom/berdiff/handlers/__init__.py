@@ -4,8 +4,9 @@
 
 from __future__ import annotations
 
+from berdiff.handlers.memory import uses_cuda, peak_memory_mb
+from berdiff.handlers.run_summary import RUN_SUMMARY_FIELDS, CASE_FIELDS, RunSummaryHandler
 from berdiff.handlers.progress import format_duration, TrainingProgress
-from berdiff.handlers.run_summary import RUN_SUMMARY_FIELDS, CASE_FIELDS, peak_memory_mb, RunSummaryHandler
 from berdiff.handlers.workflow import (
     OnError,
     inference_mode,
@@ -16,9 +17,10 @@ from berdiff.handlers.workflow import (
 )
 
 __all__ = [
+    "uses_cuda",
+    "peak_memory_mb",
     "RUN_SUMMARY_FIELDS",
     "CASE_FIELDS",
-    "peak_memory_mb",
     "RunSummaryHandler",
     "format_duration",
     "TrainingProgress",

@@ -11,8 +11,6 @@ import datetime
 import logging
 import os
 import platform
-import resource
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,11 +18,12 @@ from typing import Any
 import monai
 import torch
 
+from berdiff.handlers.memory import peak_memory_mb, uses_cuda
 from berdiff.scale.cases import CaseStatus
 from berdiff.utils import atomic_write_json, case_name, to_json_safe
 from berdiff.validation.errors import root_cause
 
-__all__ = ["RUN_SUMMARY_FIELDS", "CASE_FIELDS", "peak_memory_mb", "RunSummaryHandler"]
+__all__ = ["RUN_SUMMARY_FIELDS", "CASE_FIELDS", "RunSummaryHandler"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,28 +76,6 @@ CASE_FIELDS = (
     "peak_memory_mb",
     "outputs",
 )
-
-
-def _is_cuda(device: torch.device | str) -> bool:
-    return torch.device(device).type == "cuda" and torch.cuda.is_available()
-
-
-def peak_memory_mb(device: torch.device | str) -> tuple[str, float]:
-    """
-    Peak memory in MiB: ``torch.cuda.max_memory_allocated`` on a CUDA device (since the last reset), otherwise the
-    process's peak resident set size (``resource.getrusage``, the peak over the process lifetime).
-
-    Args:
-        device: the inference device.
-
-    Returns:
-        ``(kind, MiB)`` with kind ``"cuda_max_allocated"`` or ``"process_max_rss"``.
-    """
-    if _is_cuda(device):
-        return "cuda_max_allocated", torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # kilobytes on Linux, bytes on macOS
-    return "process_max_rss", rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 class RunSummaryHandler:
@@ -176,7 +153,7 @@ class RunSummaryHandler:
     def started(self, engine: Any) -> None:
         self._reset()
         device = torch.device(getattr(engine.state, "device", None) or "cpu")
-        if _is_cuda(device):
+        if uses_cuda(device):
             torch.cuda.reset_peak_memory_stats(device)
         self._device_obj = device
         self._t_run = time.perf_counter()
@@ -195,7 +172,7 @@ class RunSummaryHandler:
             "num_failed": 0,
             "time_split_s": {},
             "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if _is_cuda(device) else platform.processor() or "cpu",
+            "device_name": torch.cuda.get_device_name(device) if uses_cuda(device) else platform.processor() or "cpu",
             "memory_kind": peak_memory_mb(device)[0],
             "peak_memory_mb": None,
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__},
@@ -221,7 +198,7 @@ class RunSummaryHandler:
 
     def get_batch_started(self, engine: Any) -> None:
         self._t_get = time.perf_counter()
-        if _is_cuda(self._device_obj):
+        if uses_cuda(self._device_obj):
             torch.cuda.reset_peak_memory_stats(self._device_obj)
 
     def iteration_started(self, engine: Any) -> None:
@@ -270,7 +247,7 @@ class RunSummaryHandler:
         return case
 
     def iteration_completed(self, engine: Any) -> None:
-        if _is_cuda(self._device_obj):
+        if uses_cuda(self._device_obj):
             torch.cuda.synchronize(self._device_obj)
         now = time.perf_counter()
         failure = getattr(engine.state, "case_failure", None)
