@@ -27,7 +27,6 @@ __all__ = ["RUN_SUMMARY_FIELDS", "CASE_FIELDS", "RunSummaryHandler"]
 
 logger = logging.getLogger(__name__)
 
-
 #: top-level fields of ``run_summary.json``
 RUN_SUMMARY_FIELDS = (
     "status",

@@ -24,15 +24,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-
 #: ``sw_batch_size="auto"`` on CPU: slices per network call (larger batches barely help a CPU and cost memory)
 CPU_SW_BATCH_SIZE = 16
-
-
 #: ``sw_batch_size="auto"`` on CUDA: upper bound of the first try (then halved on out-of-memory)
 CUDA_MAX_SW_BATCH_SIZE = 512
-
-
 #: ``sw_batch_size="auto"`` on CUDA: bytes per slice pixel assumed when sizing the first try from the free memory,
 #: from the issue's H200 measurement (reference preset, 155 slices of 256x256, bf16: 9.8 GB peak, ~970 B/pixel),
 #: doubled without bf16 autocast

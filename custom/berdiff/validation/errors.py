@@ -16,8 +16,6 @@ __all__ = ["DEBUG_ENV", "USER_ERRORS", "KnobError", "debug_enabled", "root_cause
 
 #: set this environment variable (to anything but "" or "0") to keep the traceback of command-line errors
 DEBUG_ENV = "BERDIFF_DEBUG"
-
-
 #: exceptions that mean "bad input or settings": one line on the command line instead of a stack trace
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,

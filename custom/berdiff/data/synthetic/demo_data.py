@@ -28,11 +28,7 @@ from berdiff.utils import MODALITIES, atomic_write, atomic_write_json
 __all__ = ["SegDType", "make_demo_data"]
 
 _MANIFEST = "manifest.json"
-
-
 _GENERATOR = "berdiff.data.synthetic"
-
-
 _FORMAT_VERSION = 1
 
 

@@ -40,8 +40,6 @@ _TUMOUR_CONTRAST: dict[str, dict[str, float]] = {
 
 #: share of the T1-weighted images taken from the template's own T1 intensities (adds anatomical detail).
 _T1_TEMPLATE_WEIGHT = 0.4
-
-
 #: how much of the healthy tissue signal oedema keeps (the rest is replaced by the oedema intensity).
 _OEDEMA_TISSUE_KEEP = 0.3
 

@@ -17,8 +17,6 @@ __all__ = ["LABELS", "smooth_noise", "random_rotation", "sigmoid", "add_tumour"]
 
 #: BraTS label values.
 LABELS: dict[str, int] = {"background": 0, "necrotic_core": 1, "oedema": 2, "enhancing": 4}
-
-
 #: a tumour draw is rejected if one of its three labels has fewer voxels than this.
 _MIN_COMPARTMENT_VOXELS = 5
 
