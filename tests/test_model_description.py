@@ -16,13 +16,12 @@ from berdiff.model_description import (
     MODEL_DESCRIPTION_FORMAT,
     check_noise_level,
     description_path,
-    identify_preset,
     inference_settings,
-    load_pipeline_weights,
     make_model_description,
     read_model_description,
     write_model_description,
 )
+from berdiff.io import identify_preset, load_pipeline_weights
 from berdiff.networks import AnomalyPipeline, autoencoder_from_preset, denoiser_from_preset
 from berdiff.training import export_pipeline
 

@@ -29,15 +29,16 @@ from berdiff.handlers import TrainingProgress, format_duration, preflight, train
 from berdiff.io import (
     AtomicNibabelWriter,
     MissingData,
-    atomic_write_json,
     check_checkpoint,
     check_unique_outputs,
     inference_datalist,
     load_state_dict,
 )
 from berdiff.networks import AnomalyPipeline, autoencoder_from_preset, denoiser_from_preset
-from berdiff.training import load_weights, save_state_dict, training_datalist
+from berdiff.training import load_weights, training_datalist
 from berdiff.transforms import check_image_header, volume_preprocessing
+from berdiff.utils import atomic_save_torch as save_state_dict
+from berdiff.utils import atomic_write_json
 from berdiff.validation import KnobError, check_settings, error_line, exit_on_error, spatial_multiple
 from tests.utils import BUNDLE_CONFIGS, MODALITIES, TempDirMixin, check_config_without_data, subprocess_env
 
@@ -246,7 +247,7 @@ class TestHostileInputs(TempDirMixin, unittest.TestCase):
         self.pre = volume_preprocessing("image", num_channels=4, spatial_size=(16, 16))
 
     def _fails(self, files, pattern: str) -> None:
-        from berdiff.transforms import root_cause
+        from berdiff.validation import root_cause
 
         with self.assertRaises(Exception) as ctx:
             self.pre({"image": files})
@@ -435,11 +436,10 @@ class TestFailingWrites(TempDirMixin, unittest.TestCase):
     def test_json_and_checkpoint_writers(self):
         target = os.path.join(self.tmp, "summary.json")
 
-        def half_dump(obj, f, **kwargs):
-            f.write('{"half": ')
+        def full_disk(src, dst):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        with mock.patch("json.dump", side_effect=half_dump), self.assertRaises(OSError):
+        with mock.patch("os.replace", side_effect=full_disk), self.assertRaises(OSError):
             atomic_write_json({"a": 1}, target)
         self.assertEqual(os.listdir(self.tmp), [])
 

@@ -11,12 +11,14 @@ import numpy as np
 import torch
 from monai.transforms import Invertd
 
-from berdiff.transforms import HeadPercentileScaled, root_cause, volume_preprocessing
+from berdiff.transforms import HeadPercentileScaled, volume_preprocessing
+from berdiff.utils import MODALITIES
+from berdiff.validation import root_cause
 
 AFFINE = np.array([[-1.5, 0, 0, 10], [0, 0, 2.0, -5], [0, -1.0, 0, 3], [0, 0, 0, 1]])  # non-RAS, anisotropic
 
 
-def write_case(folder: str, shape=(20, 10, 12), affine=AFFINE, modalities=("t1", "t1ce", "t2", "flair"), seed=0):
+def write_case(folder: str, shape=(20, 10, 12), affine=AFFINE, modalities=MODALITIES, seed=0):
     rng = np.random.default_rng(seed)
     head = np.zeros(shape, bool)
     head[3:-3, 2:-2, 2:-2] = True

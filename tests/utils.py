@@ -301,7 +301,7 @@ def check_config_without_data(name: str) -> None:
     """
     from monai.bundle import ConfigWorkflow
 
-    from berdiff.validation import _unwrap
+    from berdiff.validation.errors import _unwrap
 
     files, kind = BUNDLE_CONFIGS[name]
     cwd = os.getcwd()

@@ -36,14 +36,9 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-import torch.nn as nn
-from ignite.engine import Engine
-from monai.handlers import CheckpointLoader
-
-from berdiff.io import atomic_write_json
-from berdiff.networks.presets import Preset, autoencoder_from_preset, denoiser_from_preset
+from berdiff.networks.presets import Preset
 from berdiff.schedulers import BernoulliPredictionType
+from berdiff.utils import atomic_write_json
 
 __all__ = [
     "MODEL_DESCRIPTION_FORMAT",
@@ -53,9 +48,6 @@ __all__ = [
     "read_model_description",
     "check_noise_level",
     "inference_settings",
-    "identify_preset",
-    "load_pipeline_weights",
-    "PipelineCheckpointLoader",
 ]
 
 logger = logging.getLogger(__name__)
@@ -306,131 +298,3 @@ def inference_settings(
             steps = noise_level  # K <= L: the default K is capped for small L
     settings["num_inference_steps"] = None if steps is None else int(steps)
     return settings
-
-
-def _meta_state_shapes(preset: str, in_channels: int, latent_channels: int | None = None) -> dict[str, tuple]:
-    """State-dict shapes of an AnomalyPipeline of a preset, built on the meta device (no memory, no init cost)."""
-    from berdiff.networks.anomaly_pipeline import AnomalyPipeline
-
-    overrides = {} if latent_channels is None else {"latent_channels": latent_channels}
-    with torch.device("meta"):
-        pipe = AnomalyPipeline(
-            autoencoder_from_preset(preset, in_channels=in_channels, **overrides),
-            denoiser_from_preset(preset, latent_channels=latent_channels),
-        )
-    return {k: tuple(v.shape) for k, v in pipe.state_dict().items()}
-
-
-_FIRST_CONV = "autoencoder.encoder.blocks.0.conv.weight"
-_LATENT_CONV = "autoencoder.to_logits.conv.weight"
-
-
-def identify_preset(state: Mapping[str, torch.Tensor]) -> tuple[str, int] | None:
-    """
-    The ``(preset, in_channels)`` of an AnomalyPipeline state dict (flat ``models/model.pt``) whose keys and shapes
-    match one of the presets exactly, or None.
-    """
-    if _FIRST_CONV not in state or _LATENT_CONV not in state:
-        return None
-    in_channels = int(state[_FIRST_CONV].shape[1])
-    latent_channels = int(state[_LATENT_CONV].shape[0])
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    for preset in Preset.__members__.values():
-        try:
-            if _meta_state_shapes(str(preset), in_channels, latent_channels) == shapes:
-                return str(preset), in_channels
-        except (ValueError, TypeError, RuntimeError):
-            continue
-    return None
-
-
-def _describe(preset: str | None, in_channels: int | None) -> str:
-    text = f"preset {preset!r}" if preset is not None else "an unknown network size"
-    return text + (f" with {in_channels} image channel(s)" if in_channels is not None else "")
-
-
-def _mismatch_error(
-    model_path: os.PathLike | str, state: Mapping[str, torch.Tensor], preset: str | None, in_channels: int | None,
-    detail: str,
-) -> ValueError:
-    found = identify_preset(state)
-    trained = _describe(*found) if found is not None else "networks of no known preset"
-    hint = ""
-    if found is not None:
-        hint = f" Set --preset {found[0]} (or keep the model.json written by training beside it)."
-        if in_channels is not None and found[1] != in_channels:
-            hint = f" Use it with {found[1]}-channel images and --preset {found[0]}."
-    lines = [line.strip() for line in detail.splitlines()[1:] if line.strip()]
-    lines.sort(key=lambda line: not line.startswith("size mismatch"))  # the most telling difference first
-    first = f" First difference: {lines[0][:200]}{'...' if len(lines[0]) > 200 else ''}" if lines else ""
-    return ValueError(
-        f"{model_path} does not fit the network the config builds: model.pt was trained with {trained}, the config "
-        f"builds {_describe(preset, in_channels)}.{hint}{first}"
-    )
-
-
-def _is_state_mismatch(error: RuntimeError) -> bool:
-    return "Error(s) in loading state_dict" in str(error)
-
-
-def load_pipeline_weights(
-    network: nn.Module,
-    model_path: os.PathLike | str,
-    map_location: torch.device | str | None = "cpu",
-    preset: str | None = None,
-    in_channels: int | None = None,
-) -> nn.Module:
-    """
-    Loads a flat ``models/model.pt`` into ``network`` (strict); when the weights do not fit, raises one ValueError
-    naming the preset the weights were trained with (found from their shapes) and the one the config builds.
-
-    Args:
-        network: the :class:`~berdiff.networks.AnomalyPipeline`.
-        model_path: the weights file.
-        map_location: device of the loaded tensors.
-        preset: the preset the config builds (for the message).
-        in_channels: the image channels the config builds (for the message).
-    """
-    state = torch.load(os.fspath(model_path), map_location=map_location, weights_only=True)
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        if not _is_state_mismatch(e):
-            raise
-        raise _mismatch_error(model_path, state, preset, in_channels, str(e)) from None
-    return network
-
-
-class PipelineCheckpointLoader(CheckpointLoader):
-    """
-    MONAI ``CheckpointLoader`` for the flat ``models/model.pt`` whose error, when the weights do not fit the network
-    (another preset or channel count), names the preset the weights were trained with and the one the config builds.
-
-    Args:
-        load_path: the weights file.
-        load_dict: ``{"model": network}``.
-        preset: the preset the config builds (for the message).
-        in_channels: the image channels the config builds (for the message).
-        kwargs: other ``CheckpointLoader`` arguments (``map_location``, ``strict``, ...).
-    """
-
-    def __init__(
-        self,
-        load_path: str,
-        load_dict: dict,
-        preset: str | None = None,
-        in_channels: int | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(load_path, load_dict, **kwargs)
-        self.preset = preset
-        self.in_channels = in_channels
-
-    def __call__(self, engine: Engine) -> None:
-        try:
-            super().__call__(engine)
-        except RuntimeError as e:
-            if not _is_state_mismatch(e):
-                raise
-            state = torch.load(self.load_path, map_location="cpu", weights_only=True)
-            raise _mismatch_error(self.load_path, state, self.preset, self.in_channels, str(e)) from None

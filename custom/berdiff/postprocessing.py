@@ -106,7 +106,7 @@ class AnomalyMaskd(MapTransform):
     slices are the last spatial axis in RAS):
 
     * ``threshold=None``: the reference's fixed per-slice protocol A, applied to every axial slice with
-      :func:`berdiff.metrics.reference_slice_postprocess` (5x5 median of each channel's squared residual, sum,
+      :func:`berdiff.evaluation.reference_slice_postprocess` (5x5 median of each channel's squared residual, sum,
       p1/p99 clip, min-max, ``> 0.5``, 8-connected components of ``<= min_component`` pixels removed). The
       per-channel residual ``(reconstruction - image)^2`` is used when both keys are present, otherwise the
       channel-summed map. Slices whose map is constant (e.g. skipped background slices) give an empty mask.

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from monai.networks.schedulers import Scheduler
-from monai.utils import StrEnum
+from monai.utils import StrEnum, look_up_option
 
 __all__ = ["BernoulliPredictionType", "BernoulliScheduler"]
 
@@ -61,11 +61,11 @@ class BernoulliScheduler(Scheduler):
     ) -> None:
         if num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be a positive integer, got {num_train_timesteps}.")
-        if prediction_type not in BernoulliPredictionType.__members__.values():
-            raise ValueError(
-                f"prediction_type must be one of {list(BernoulliPredictionType.__members__.values())}, "
-                f"got {prediction_type!r}."
-            )
+        try:
+            look_up_option(prediction_type, BernoulliPredictionType)
+        except ValueError:
+            allowed = [m.value for m in BernoulliPredictionType]
+            raise ValueError(f"prediction_type must be one of {allowed}, got {prediction_type!r}.") from None
         super().__init__(num_train_timesteps, schedule, **schedule_args)
         self.schedule = schedule
         self.schedule_args = dict(schedule_args)

@@ -29,10 +29,9 @@ from monai.transforms import (
     ResizeWithPadOrCropd,
 )
 
-from berdiff.itk_io import is_itk_image, read_itk_header
+from berdiff.io.itk import is_itk_image, read_itk_header
 
 __all__ = [
-    "BRATS_MODALITIES",
     "MAX_VOXELS",
     "VOXEL_SIZE_RANGE",
     "check_image_header",
@@ -40,22 +39,7 @@ __all__ = [
     "ValidateImaged",
     "HeadPercentileScaled",
     "volume_preprocessing",
-    "root_cause",
 ]
-
-#: channel order of the brain MRI bundle
-BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
-
-
-def root_cause(error: BaseException) -> BaseException:
-    """
-    The original exception behind MONAI's ``RuntimeError("applying transform ...")`` wrappers (``Compose`` wraps
-    every error raised inside a transform), so that a clear message such as "image file not found: ..." can be shown.
-    """
-    while isinstance(error, RuntimeError) and error.__cause__ is not None and "applying transform" in str(error):
-        error = error.__cause__
-    return error
-
 
 #: largest number of voxels (all channels together) an input file may claim in its header: 2**30 (4 GiB as float32,
 #: ~30 times a BraTS case), so that a corrupt or hostile header is refused before any memory is allocated

@@ -1,6 +1,6 @@
 # Copyright (c) berdiff contributors
 # Licensed under the Apache License, Version 2.0 (the "License").
-"""Self-contained release bundles (berdiff.release): layout, metadata, zip, and inference where berdiff is NOT
+"""Self-contained release bundles (berdiff.apps.release): layout, metadata, zip, and inference where berdiff is NOT
 importable except from the bundle's own copy."""
 
 from __future__ import annotations

@@ -14,10 +14,10 @@ import numpy as np
 from berdiff.data.brats import (
     DATALIST_NAME,
     axial_slice_range,
-    find_brats_cases,
     prepare_brats,
     split_subjects,
 )
+from berdiff.data.brats_cases import find_brats_cases
 from tests.utils import MODALITIES, TUMOUR_SLICES, TUMOUR_SUBJECTS, write_brats_subjects
 
 

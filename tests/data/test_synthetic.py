@@ -16,8 +16,9 @@ from parameterized import parameterized
 from scipy import ndimage
 
 from berdiff.apps.cli import main as cli_main
-from berdiff.data import synthetic
-from berdiff.data.synthetic import LABELS, MODALITIES, load_template, make_demo_data
+from berdiff.data.synthetic import subjects, tumour
+from berdiff.data.synthetic import LABELS, load_template, make_demo_data
+from berdiff.utils import MODALITIES
 
 # 3 mm keeps every volume small (64x72x64) while tumours of 15-21 mm radius still hold all three labels
 SMALL = {"spacing": 3.0, "tumour_radius_mm": (15.0, 21.0)}
@@ -220,7 +221,7 @@ class TestMakeDemoDataOptions(unittest.TestCase):
     def test_missing_nilearn_message(self):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "out"
-            with mock.patch("berdiff.data.synthetic.importlib.util.find_spec", return_value=None):
+            with mock.patch("berdiff.data.synthetic.template.importlib.util.find_spec", return_value=None):
                 load_template.cache_clear()
                 try:
                     with self.assertRaisesRegex(ImportError, r"pip install berdiff\[demo\]"):
@@ -232,9 +233,9 @@ class TestMakeDemoDataOptions(unittest.TestCase):
     def test_tumour_displaces_and_replaces_tissue(self):
         template = load_template(SMALL["spacing"], None)
         rng = np.random.default_rng(3)
-        healthy = synthetic._deform_healthy(template, rng, SMALL["spacing"])
+        healthy = subjects._deform_healthy(template, rng, SMALL["spacing"])
         subject = {k: v.copy() for k, v in healthy.items()}
-        result = synthetic._add_tumour(subject, rng, SMALL["spacing"], SMALL["tumour_radius_mm"])
+        result = tumour.add_tumour(subject, rng, SMALL["spacing"], SMALL["tumour_radius_mm"])
         self.assertIsNotNone(result)
         weights, labels, params = result
         brain = healthy["mask"]

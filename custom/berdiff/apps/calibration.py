@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from berdiff.evaluation.metrics import threshold_at_fpr
-from berdiff.io import check_checkpoint, load_datalist
-from berdiff.model_description import load_pipeline_weights
-from berdiff.transforms import root_cause, volume_preprocessing
+from berdiff.io import check_checkpoint, load_datalist, load_pipeline_weights
+from berdiff.transforms import volume_preprocessing
 from berdiff.utils import atomic_write_json
+from berdiff.validation import check_settings, root_cause
 
 __all__ = ["healthy_scores", "threshold_from_maps", "calibrate", "CALIBRATION_VERSION"]
 
@@ -168,8 +168,6 @@ def calibrate(
     parser.read_config(config_file)
     parser.update(_overrides(bundle_root, device, overrides))
     if "checked_settings" in parser:  # the knobs, with the bundle run's one-line messages
-        from berdiff.validation import check_settings
-
         check_settings(parser.get_parsed_content("checked_settings"))
     dev = torch.device(parser.get_parsed_content("device"))
     ckpt_path = parser.get_parsed_content("ckpt_path")

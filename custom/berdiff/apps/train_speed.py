@@ -2,7 +2,7 @@
 # Licensed under the Apache License, Version 2.0 (the "License").
 """
 Training throughput, side by side (``python -m berdiff train_speed``): samples/s of both stages and presets through
-the project's training path (:func:`berdiff.trainers.build_trainer`) and through the configuration the bundles
+the project's training path (:func:`berdiff.training.build_trainer`) and through the configuration the bundles
 used before it ("legacy"), alternated in one process on synthetic data of the same shapes.
 
 legacy: MONAI ``DataLoader`` over per-sample dicts (``num_workers`` worker processes), ``SupervisedTrainer`` with
@@ -35,7 +35,7 @@ from berdiff.engines import BernoulliPrepareBatch
 from berdiff.losses import AutoencoderLoss
 from berdiff.networks import autoencoder_from_preset, denoiser_from_preset
 from berdiff.schedulers import BernoulliScheduler
-from berdiff.trainers import LossMonitor, WarmupEMAHandler, adamw, build_trainer
+from berdiff.training import LossMonitor, WarmupEMAHandler, adamw, build_trainer
 from berdiff.utils import atomic_write_json
 
 __all__ = ["Stage", "TrainPath", "measure", "train_speed"]

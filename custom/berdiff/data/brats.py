@@ -7,7 +7,7 @@
 # distributed under the License is distributed on an "AS IS" BASIS,
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 """
-BraTS-style brain MRI preparation: case discovery (BraTS folder layout or Decathlon-style datalist), subject-level
+BraTS-style brain MRI preparation: the cases (:func:`berdiff.data.brats_cases.find_brats_cases`), a subject-level
 split, axial slice extraction into a pre-sliced ``.npy`` cache and the datalist used by the training configs.
 
 Output of :func:`prepare_brats` (``out`` folder)::
@@ -25,9 +25,7 @@ relative paths): ``training`` / ``validation`` = healthy slices of the train / v
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -35,18 +33,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import load_decathlon_datalist
 from sklearn.model_selection import train_test_split
 
-from berdiff.transforms import BRATS_MODALITIES, CheckImageFilesd, root_cause, volume_preprocessing
+from berdiff.data.brats_cases import find_brats_cases
+from berdiff.transforms import CheckImageFilesd, volume_preprocessing
+from berdiff.utils import MODALITIES, atomic_write_json
+from berdiff.validation.errors import root_cause
 
 __all__ = [
     "DATALIST_NAME",
     "REFERENCE_DEPTH",
     "REFERENCE_EXCLUDE_LOWER",
     "REFERENCE_EXCLUDE_UPPER",
-    "SEGMENTATION_SUFFIX",
-    "find_brats_cases",
     "split_subjects",
     "axial_slice_range",
     "prepare_brats",
@@ -54,111 +52,10 @@ __all__ = [
 
 #: file name of the datalist written by :func:`prepare_brats`
 DATALIST_NAME = "datalist.json"
-#: suffix of the segmentation file in the BraTS layout
-SEGMENTATION_SUFFIX = "seg"
 #: the reference's slice rule: of the 155 axial slices of a BraTS volume, exclude the lowest 80 and the uppermost 26
 REFERENCE_DEPTH = 155
 REFERENCE_EXCLUDE_LOWER = 80
 REFERENCE_EXCLUDE_UPPER = 26
-
-_NIFTI = re.compile(r"^(?P<stem>.+)\.nii(\.gz)?$", re.IGNORECASE)
-
-
-def _case_from_folder(folder: str, require_label: bool) -> dict[str, Any]:
-    files: dict[str, str] = {}
-    for name in sorted(os.listdir(folder)):
-        match = _NIFTI.match(name)
-        if match is None or name.startswith("."):
-            continue
-        stem = match.group("stem")
-        suffix = stem.rsplit("_", 1)[-1].lower() if "_" in stem else ""
-        path = os.path.join(folder, name)
-        if suffix not in (*BRATS_MODALITIES, SEGMENTATION_SUFFIX):
-            raise ValueError(
-                f"unexpected file {path}: modality {suffix!r} is not one of "
-                f"{', '.join(BRATS_MODALITIES + (SEGMENTATION_SUFFIX,))} (expected <case>_<modality>.nii[.gz])."
-            )
-        if suffix in files:
-            raise ValueError(f"two files for modality {suffix!r} in {folder}: {files[suffix]} and {path}.")
-        files[suffix] = path
-    if not files:
-        raise ValueError(f"no NIfTI files in case folder {folder}.")
-    missing = [m for m in BRATS_MODALITIES if m not in files]
-    if require_label and SEGMENTATION_SUFFIX not in files:
-        missing.append(SEGMENTATION_SUFFIX)
-    if missing:
-        raise ValueError(
-            f"case folder {folder} lacks modality file(s) {', '.join(missing)} "
-            f"(expected {os.path.basename(folder)}_<modality>.nii[.gz])."
-        )
-    case = {"subject": os.path.basename(os.path.normpath(folder)), "image": [files[m] for m in BRATS_MODALITIES]}
-    if SEGMENTATION_SUFFIX in files:
-        case["label"] = files[SEGMENTATION_SUFFIX]
-    return case
-
-
-def _has_nifti(folder: str) -> bool:
-    return any(_NIFTI.match(n) and not n.startswith(".") for n in os.listdir(folder))
-
-
-def _subject_from_path(path: str) -> str:
-    name = os.path.basename(path)
-    match = _NIFTI.match(name)
-    stem = match.group("stem") if match else os.path.splitext(name)[0]
-    head, _, suffix = stem.rpartition("_")
-    return head if head and suffix.lower() in BRATS_MODALITIES else stem
-
-
-def find_brats_cases(src: str, require_label: bool = True, datalist_key: str = "training") -> list[dict[str, Any]]:
-    """
-    Discover the cases of a BraTS-layout folder (``<src>/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii[.gz]``) or of a
-    Decathlon-style datalist JSON (``{"training": [{"image": [t1, t1ce, t2, flair] or one 4-channel file,
-    "label": seg}, ...]}``, paths relative to the JSON file's folder).
-
-    Args:
-        src: the root folder or the datalist file.
-        require_label: every case must have a segmentation.
-        datalist_key: list to read from a datalist JSON.
-
-    Returns:
-        one dict per case, sorted by subject: ``subject``, ``image`` (list of files in the order t1, t1ce, t2, flair,
-        or a single 4-channel file) and ``label``.
-
-    Raises:
-        ValueError: missing source, missing, duplicated or unexpected modality files, duplicated subject ids.
-    """
-    src = os.fspath(src)
-    if os.path.isfile(src):
-        try:
-            items = load_decathlon_datalist(src, is_segmentation=True, data_list_key=datalist_key)
-        except (ValueError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read datalist {src}: {e}") from e
-        cases = []
-        for i, item in enumerate(items):
-            if "image" not in item:
-                raise ValueError(f"datalist {src}: entry {i} of {datalist_key!r} has no 'image'.")
-            if require_label and "label" not in item:
-                raise ValueError(f"datalist {src}: entry {i} of {datalist_key!r} ({item['image']}) has no 'label'.")
-            image = item["image"]
-            first = image if isinstance(image, str) else image[0]
-            case = {"subject": str(item.get("subject", _subject_from_path(first))), "image": image}
-            if "label" in item:
-                case["label"] = item["label"]
-            cases.append(case)
-    elif os.path.isdir(src):
-        folders = [os.path.join(src, d) for d in sorted(os.listdir(src)) if not d.startswith(".")]
-        # sub-folders without any NIfTI file (e.g. an output folder) are not cases
-        cases = [_case_from_folder(f, require_label) for f in folders if os.path.isdir(f) and _has_nifti(f)]
-    else:
-        raise ValueError(f"source not found: {src} (expected a BraTS-layout folder or a datalist JSON file).")
-    if not cases:
-        raise ValueError(f"no cases found in {src}.")
-    seen: dict[str, Any] = {}
-    for case in cases:
-        if case["subject"] in seen:
-            raise ValueError(f"duplicated subject id {case['subject']!r} in {src}.")
-        seen[case["subject"]] = case
-    return sorted(cases, key=lambda c: c["subject"])
 
 
 def split_subjects(subjects: Sequence[str], val_fraction: float = 0.1, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -210,13 +107,6 @@ def axial_slice_range(depth: int, slice_start: int | None = None, slice_stop: in
     if stop <= start:
         raise ValueError(f"empty slice range [{slice_start}, {slice_stop}) for a volume with {depth} axial slices.")
     return range(start, stop)
-
-
-def _write_json(path: str, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def prepare_brats(
@@ -272,13 +162,13 @@ def prepare_brats(
         train_ids, val_ids = split_subjects(all_ids, val_fraction, seed)
     split_of = {**{s: "training" for s in train_ids}, **{s: "validation" for s in val_ids}}
 
-    checker = CheckImageFilesd("image", num_channels=len(BRATS_MODALITIES))
+    checker = CheckImageFilesd("image", num_channels=len(MODALITIES))
     label_checker = CheckImageFilesd("label", num_channels=1, reference_key="image")
     for case in cases:  # header-only checks of every file before any output is written
         label_checker(checker(case))
 
     preprocessing = volume_preprocessing(
-        keys="image", label_key="label", num_channels=len(BRATS_MODALITIES), spatial_size=size,
+        keys="image", label_key="label", num_channels=len(MODALITIES), spatial_size=size,
         upper_percentile=upper_percentile,
     )
     out = os.path.abspath(os.fspath(out))
@@ -330,7 +220,7 @@ def prepare_brats(
         datalist = {
             "description": "healthy (training/validation) and diseased axial slices, written by berdiff prepare_brats",
             "source": os.path.abspath(os.fspath(src)),
-            "modalities": list(BRATS_MODALITIES),
+            "modalities": list(MODALITIES),
             "spatial_size": size,
             "slice_start": slice_start,
             "slice_stop": slice_stop,
@@ -343,7 +233,7 @@ def prepare_brats(
             "volumes": volumes,
             **lists,
         }
-        _write_json(os.path.join(staging, DATALIST_NAME), datalist)
+        atomic_write_json(datalist, os.path.join(staging, DATALIST_NAME), indent=1)
         # publish: replace an earlier output only now that everything succeeded
         final_slices = os.path.join(out, "slices")
         if os.path.isdir(final_slices):

@@ -32,11 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.transforms import Resize, SpatialPad
-from monai.utils import StrEnum
+from monai.utils import StrEnum, look_up_option
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.measure import label as cc_label
 from skimage.morphology import disk
+
+from berdiff.utils import NIFTI_SUFFIXES, is_nifti
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -52,7 +54,7 @@ __all__ = [
 ]
 
 #: file endings recognised as 2D images (lower case)
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".nii", ".nii.gz")
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", *NIFTI_SUFFIXES)
 
 
 class Intensity(StrEnum):
@@ -100,7 +102,7 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
 def _read_raw(path: Path) -> np.ndarray:
     low = path.name.lower()
-    if low.endswith((".nii", ".nii.gz")):
+    if is_nifti(low):
         import nibabel as nib
 
         return np.asarray(nib.load(str(path)).dataobj)
@@ -150,8 +152,10 @@ def scale_intensity(arr: np.ndarray, mode: str = Intensity.AUTO) -> np.ndarray:
         arr: the image.
         mode: an :class:`Intensity` name.
     """
-    if mode not in Intensity.__members__.values():
-        raise ValueError(f"intensity must be one of {list(Intensity.__members__.values())}, got {mode!r}.")
+    try:
+        look_up_option(mode, Intensity)
+    except ValueError:
+        raise ValueError(f"intensity must be one of {[m.value for m in Intensity]}, got {mode!r}.") from None
     a = np.asarray(arr)
     f = a.astype(np.float32)
     if not np.all(np.isfinite(f)):

@@ -29,17 +29,17 @@ further lesions (``max_lesions > 1``) draw their family at random. Everything is
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from monai.utils import StrEnum
+from monai.utils import StrEnum, look_up_option
 from scipy import ndimage
 
 from berdiff.data.images2d import Intensity, brain_mask, list_images, read_image, resize_image, scale_intensity, stem
+from berdiff.utils import atomic_write, atomic_write_json
 
 __all__ = ["LesionFamily", "add_lesion", "make_lesions", "write_nifti_2d"]
 
@@ -52,6 +52,15 @@ class LesionFamily(StrEnum):
     FPI = "fpi"
     DEFORM = "deform"
     TEXTURE = "texture"
+
+
+def _lesion_family(family: str) -> LesionFamily:
+    """``family`` checked with ``monai.utils.look_up_option``; one clear error for an unknown name."""
+    try:
+        return look_up_option(family, LesionFamily)
+    except ValueError:
+        allowed = [m.value for m in LesionFamily]
+        raise ValueError(f"unknown lesion family {family!r}; choose from {allowed}.") from None
 
 
 def _ellipse(shape: tuple[int, int], center: tuple[float, float], radii: tuple[float, float], angle: float) -> np.ndarray:
@@ -88,9 +97,7 @@ def add_lesion(
     Returns:
         ``(new_image, label, params)``: the image with the lesion, the boolean label and the drawn parameters.
     """
-    if family not in LesionFamily.__members__.values():
-        raise ValueError(f"unknown lesion family {family!r}; choose from {list(LesionFamily.__members__.values())}.")
-    family = LesionFamily(family)
+    family = _lesion_family(family)
     img = np.asarray(image, dtype=np.float64)
     mask = np.asarray(mask, dtype=bool)
     if img.ndim != 2 or img.shape != mask.shape:
@@ -155,13 +162,11 @@ def add_lesion(
 
 
 def write_nifti_2d(array: np.ndarray, path: str | os.PathLike) -> None:
-    """Write a 2D array as a NIfTI file (identity affine), through a temporary name so no partial file is left."""
+    """Write a 2D array as a NIfTI file (identity affine) atomically (:func:`berdiff.utils.atomic_write`)."""
     import nibabel as nib
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-    nib.save(nib.Nifti1Image(np.asarray(array), np.eye(4)), str(tmp))
-    os.replace(tmp, path)
+    image = nib.Nifti1Image(np.asarray(array), np.eye(4))
+    atomic_write(path, lambda tmp: nib.save(image, tmp))
 
 
 def make_lesions(
@@ -200,8 +205,7 @@ def make_lesions(
     """
     families = [str(f) for f in (families or list(LesionFamily.__members__.values()))]
     for f in families:
-        if f not in LesionFamily.__members__.values():
-            raise ValueError(f"unknown lesion family {f!r}; choose from {list(LesionFamily.__members__.values())}.")
+        _lesion_family(f)
     if int(max_lesions) < 1:
         raise ValueError(f"max_lesions must be >= 1, got {max_lesions}.")
     lo, hi = (float(v) for v in radius_range)
@@ -267,7 +271,5 @@ def make_lesions(
         write_nifti_2d(label.astype(np.uint8), out_dir / "labels" / f"{name}.nii.gz")
         write_nifti_2d(img.astype(np.float32), out_dir / "healthy" / f"{name}.nii.gz")
         record["images"][name] = {"lesions": lesions, "label_px": int(label.sum())}
-    tmp = out_dir / ".lesions.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out_dir / "lesions.json")
+    atomic_write_json(record, out_dir / "lesions.json", indent=1)
     return record

@@ -15,13 +15,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from berdiff.inferers import (
+from berdiff.sampling import (
     LATENT_MAP_KEYS,
     AnomalyReference,
     FinalCode,
     GeneratorLike,
     LatentReduction,
-    MaskedBernoulliInferer,
+    MaskedBernoulliSampler,
     StepPosterior,
     latent_map_keys,
 )
@@ -44,7 +44,7 @@ def bundle_output_layout(
     anomaly map, latent maps (``latent_<name>``), reconstruction, autoencoder-only map (when ``save_autoencoder_map``).
 
     Args:
-        latent_maps: :class:`~berdiff.inferers.LatentMap` value(s) to write; None, ``"none"`` or ``[]`` for none.
+        latent_maps: :class:`~berdiff.sampling.LatentMap` value(s) to write; None, ``"none"`` or ``[]`` for none.
         save_autoencoder_map: also output the autoencoder-only map (``<case>_autoencoder``).
         num_channels: image channels (of the reconstruction).
 
@@ -108,11 +108,11 @@ class AnomalyPipeline(nn.Module):
         noise_level: L.
         prob_threshold: P.
         num_inference_steps: K (L when None).
-        final_code: see :class:`~berdiff.inferers.FinalCode`.
+        final_code: see :class:`~berdiff.sampling.FinalCode`.
         masked: False for the unmasked ablation.
-        latent_reduction: see :class:`~berdiff.inferers.LatentReduction`.
-        anomaly_reference: see :class:`~berdiff.inferers.AnomalyReference` ("input": the paper's map).
-        step_posterior: see :class:`~berdiff.inferers.StepPosterior`.
+        latent_reduction: see :class:`~berdiff.sampling.LatentReduction`.
+        anomaly_reference: see :class:`~berdiff.sampling.AnomalyReference` ("input": the paper's map).
+        step_posterior: see :class:`~berdiff.sampling.StepPosterior`.
         output_keys: what ``forward`` returns, concatenated along channels, from :data:`PIPELINE_OUTPUT_KEYS`
             (default: the anomaly map only, one channel).
         seed: when not None, every ``forward`` call gives each sample its own generator, seeded from ``seed`` and
@@ -143,7 +143,7 @@ class AnomalyPipeline(nn.Module):
         self.autoencoder = autoencoder
         self.unet = unet
         self.scheduler = BernoulliScheduler() if scheduler is None else scheduler
-        self.inferer = MaskedBernoulliInferer(
+        self.inferer = MaskedBernoulliSampler(
             self.scheduler,
             noise_level=noise_level,
             prob_threshold=prob_threshold,
@@ -171,7 +171,7 @@ class AnomalyPipeline(nn.Module):
     @torch.no_grad()
     def run(self, image: torch.Tensor, generator: GeneratorLike = None) -> dict[str, torch.Tensor]:
         """
-        All outputs of :class:`~berdiff.inferers.MaskedBernoulliInferer` for a batch of images in [0, 1].
+        All outputs of :class:`~berdiff.sampling.MaskedBernoulliSampler` for a batch of images in [0, 1].
 
         Args:
             image: (B, C, H, W) tensor.

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from monai.networks.blocks import Convolution
 from monai.networks.nets.autoencoderkl import Decoder, Encoder
-from monai.utils import StrEnum, ensure_tuple_rep
+from monai.utils import StrEnum, ensure_tuple_rep, look_up_option
 
 __all__ = ["BinarizationMode", "BinaryQuantizer", "BinaryAutoencoder"]
 
@@ -34,9 +34,10 @@ class BinarizationMode(StrEnum):
 
 
 def _check_mode(name: str, value: str) -> BinarizationMode:
-    if value not in BinarizationMode.__members__.values():
-        raise ValueError(f"{name} must be one of {list(BinarizationMode.__members__.values())}, got {value!r}.")
-    return BinarizationMode(value)
+    try:
+        return look_up_option(value, BinarizationMode)
+    except ValueError:
+        raise ValueError(f"{name} must be one of {[m.value for m in BinarizationMode]}, got {value!r}.") from None
 
 
 class BinaryQuantizer(nn.Module):

@@ -90,7 +90,7 @@ def fit(
     compile: bool = False,
 ) -> dict[str, Any]:
     """
-    Train ``network`` through the project's one training path (:func:`berdiff.trainers.build_trainer`: device-held
+    Train ``network`` through the project's one training path (:func:`berdiff.training.build_trainer`: device-held
     batches, fused AdamW, bf16 on CUDA, warm-up EMA whose weights are loaded into ``network`` at the end) for
     ``iterations`` iterations, or for as many as ``budget_flops`` buys (training FLOPs of one iteration counted
     with ``FlopCounterMode``), optionally capped at ``max_seconds``.
@@ -113,7 +113,7 @@ def fit(
         the training record (iterations, seconds, samples/s, FLOPs, final loss and loss history).
     """
     from berdiff.data.tensor_loader import TensorLoader
-    from berdiff.trainers import LossMonitor, WarmupEMAHandler, adamw, build_trainer, training_flops
+    from berdiff.training import LossMonitor, WarmupEMAHandler, adamw, build_trainer, training_flops
 
     torch.manual_seed(seed)
     data = {k: v.to(device) for k, v in data.items()}
@@ -325,7 +325,7 @@ def train_models(
         unet.to(device)
 
         def train_unet() -> dict[str, Any]:
-            from berdiff.trainers import encode_dataset
+            from berdiff.training import encode_dataset
 
             codes = encode_dataset([{"image": x} for x in images_t], ae, device, batch_size=64)
             return fit(unet, nn.BCEWithLogitsLoss(), {"image": codes.float()}, t.diffusion_batch_size, t.diffusion_lr,

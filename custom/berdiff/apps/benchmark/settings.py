@@ -156,7 +156,7 @@ class TrainingSettings:
         prediction_type: what the Bernoulli denoiser's logits predict (``berdiff.schedulers.BernoulliPredictionType``):
             ``sample`` (the clean code) or ``flip`` (x_t XOR x_0).
         ema_momentum: final momentum of the warm-up EMA whose weights are evaluated.
-        precision: training precision (``berdiff.trainers.Precision``).
+        precision: training precision (``berdiff.training.Precision``).
         compile: ``torch.compile`` the networks for training.
         max_train_seconds: optional wall-clock cap per model.
         num_train_timesteps: T of both diffusion models.

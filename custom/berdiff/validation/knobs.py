@@ -1,40 +1,24 @@
+# SPDX-License-Identifier: Apache-2.0
 # Copyright (c) berdiff contributors
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#     http://www.apache.org/licenses/LICENSE-2.0
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 """
-Settings checked up front, and the one way bad input is reported on the command line.
-
-Every check raises :class:`KnobError` (a ``ValueError``) whose message reads ``<knob> = <value>: <allowed range>``.
-:func:`check_settings` checks a mapping of named knobs (the bundle configs call it at the start of their run, the
-``python -m berdiff`` commands call the single checks). :func:`exit_on_error` turns an error into the one line
-``error: <message>`` and exit status 1, unless ``BERDIFF_DEBUG=1`` is set (then the traceback is kept): it is used by
-``python -m berdiff`` (:mod:`berdiff.cli`) and by the bundles' ``on_error: exit`` (:mod:`berdiff.handlers`).
+Settings checked up front: each ``check_*`` raises a :class:`~berdiff.validation.errors.KnobError` naming the knob,
+its value and the allowed range; :func:`check_settings` checks a mapping of named knobs (the bundle configs call it at
+the start of their run, the ``python -m berdiff`` commands call the single checks).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
+
+from berdiff.validation.errors import KnobError
 
 if TYPE_CHECKING:  # torch and monai are imported when needed: python -m berdiff --help stays fast
     import torch
 
 __all__ = [
-    "DEBUG_ENV",
-    "USER_ERRORS",
-    "KnobError",
-    "debug_enabled",
-    "error_line",
-    "exit_on_error",
     "check_int",
     "check_float",
     "check_bool",
@@ -49,105 +33,6 @@ __all__ = [
     "SETTING_CHECKS",
     "check_settings",
 ]
-
-#: set this environment variable (to anything but "" or "0") to keep the traceback of command-line errors
-DEBUG_ENV = "BERDIFF_DEBUG"
-
-#: exceptions that mean "bad input or settings": one line on the command line instead of a stack trace
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError,
-    FileNotFoundError,
-    FileExistsError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
-    OSError,  # e.g. no space left on the device
-)
-
-
-class KnobError(ValueError):
-    """
-    A setting outside its allowed values; the message is ``<knob> = <value>: <allowed>``.
-
-    Args:
-        knob: the setting's name (as on the command line).
-        value: the value given.
-        allowed: the allowed values, in words (``an integer in [1, 1000]``).
-    """
-
-    def __init__(self, knob: str, value: Any, allowed: str) -> None:
-        self.knob, self.value, self.allowed = knob, value, allowed
-        super().__init__(f"{knob} = {value!r}: {allowed}")
-
-
-def debug_enabled() -> bool:
-    """Whether ``BERDIFF_DEBUG`` asks for tracebacks instead of one-line errors."""
-    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
-
-
-def _unwrap(error: BaseException) -> BaseException:
-    """The original exception behind MONAI's wrappers (transforms, config expressions and instantiation)."""
-    from berdiff.transforms import root_cause
-
-    seen = set()
-    while id(error) not in seen:
-        seen.add(id(error))
-        error = root_cause(error)
-        text = str(error)
-        wrapped = isinstance(error, RuntimeError) and (
-            "Failed to evaluate" in text or "Failed to instantiate" in text or "applying transform" in text
-        )
-        if not (wrapped and error.__cause__ is not None):
-            break
-        error = error.__cause__
-    return error
-
-
-def _writer_failure(message: str) -> str | None:
-    """
-    MONAI's ``SaveImage`` replaces a writer's error (e.g. a full disk) by ``RuntimeError("... cannot find a suitable
-    writer for <file> ...")`` holding the original traceback as text: the file and the original error's last line.
-    """
-    head = message.split("\n", 1)[0]
-    if "cannot find a suitable writer for" not in head:
-        return None
-    filename = head.split("cannot find a suitable writer for", 1)[1].strip().rstrip(".")
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    last = lines[-1] if lines else ""
-    return f"cannot write {filename}: {last}" if last and last != head.strip() else None
-
-
-def error_line(error: BaseException) -> str:
-    """``error: <message of the root cause>``: the line printed for ``error`` on the command line."""
-    cause = _unwrap(error)
-    message = _writer_failure(str(cause)) if isinstance(cause, RuntimeError) else None
-    message = message or str(cause)
-    if isinstance(cause, (KeyError,)) and message.startswith(("'", '"')):
-        message = message[1:-1]
-    if not message:
-        message = type(cause).__name__
-    return f"error: {message}"
-
-
-def exit_on_error(error: BaseException) -> NoReturn:
-    """
-    Reports ``error`` on the command line: prints :func:`error_line` to stderr and exits with status 1 without a
-    stack trace. With ``BERDIFF_DEBUG=1`` the (root cause) exception is raised instead.
-
-    Args:
-        error: the exception caught.
-    """
-    if debug_enabled():
-        cause = _unwrap(error)
-        if cause is error:
-            raise error
-        raise cause from error
-    sys.stdout.flush()
-    print(error_line(error), file=sys.stderr, flush=True)
-    raise SystemExit(1) from None
-
-
-# ------------------------------------------------------------------------------------------------ single checks
 
 
 def _is_int(value: Any) -> bool:
@@ -342,9 +227,6 @@ def check_prob_threshold(value: Any, knob: str = "prob_threshold") -> float:
     return float(check_float(knob, value, 0.0, 1.0, low_open=True, high_open=True))
 
 
-# ------------------------------------------------------------------------------------------- named settings
-
-
 def _positive_int(knob: str, value: Any) -> Any:
     return check_int(knob, value, 1)
 
@@ -388,7 +270,7 @@ def _sw_batch_size(knob: str, value: Any) -> Any:
 
 
 def _precision(knob: str, value: Any) -> Any:
-    from berdiff.trainers import Precision
+    from berdiff.training.trainers import Precision
 
     return check_option(knob, value, Precision)
 
@@ -400,7 +282,7 @@ def _placement(knob: str, value: Any) -> Any:
 
 
 def _lr_rule(knob: str, value: Any) -> Any:
-    from berdiff.trainers import LearningRateRule
+    from berdiff.training.trainers import LearningRateRule
 
     return check_option(knob, value, LearningRateRule)
 
@@ -441,6 +323,7 @@ SETTING_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "adversarial": _bool,
     "pre_encode": _bool,
 }
+
 
 #: knobs checked against others by :func:`check_settings`
 _RELATED = ("preset", "spatial_size", "noise_level", "num_inference_steps", "train_max_timestep")

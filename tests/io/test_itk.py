@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import locale
 import os
 import tempfile
 import unittest
@@ -13,9 +14,9 @@ import nibabel as nib
 import numpy as np
 from parameterized import parameterized
 
-from berdiff.io import case_name
-from berdiff.itk_io import image_stem, is_itk_image, read_itk_header
+from berdiff.io import is_itk_image, read_itk_header
 from berdiff.transforms import CheckImageFilesd
+from berdiff.utils import case_name, image_stem
 from tests.utils import MODALITIES, NON_RAS_AFFINE, make_case, make_model, run_workflow
 
 
@@ -93,6 +94,12 @@ class TestItkHeader(unittest.TestCase):
 
 
 class TestItkInference(unittest.TestCase):
+    def setUp(self):
+        # reading an image through ITK in this process switches LC_CTYPE to "C" (the default text encoding becomes
+        # ASCII for the tests that run later in the same process): put the locale back after each test
+        self._ctype = locale.setlocale(locale.LC_CTYPE)
+        self.addCleanup(locale.setlocale, locale.LC_CTYPE, self._ctype)
+
     @parameterized.expand([(".nrrd",), (".mha",)])
     def test_maps_on_input_grid(self, suffix):
         with tempfile.TemporaryDirectory() as tmp:

@@ -14,7 +14,7 @@ from berdiff.data.tensor_loader import TensorLoader
 from berdiff.engines import BernoulliPrepareBatch
 from berdiff.networks import autoencoder_from_preset
 from berdiff.schedulers import BernoulliScheduler
-from berdiff.trainers import (
+from berdiff.training import (
     LossMonitor,
     WarmupEMAHandler,
     adamw,

@@ -15,17 +15,10 @@ from monai.data import MetaTensor
 from monai.transforms import SaveImage
 from parameterized import parameterized
 
-from berdiff.io import (
-    AtomicNibabelWriter,
-    atomic_write_json,
-    case_name,
-    case_name_formatter,
-    check_checkpoint,
-    inference_datalist,
-    load_datalist,
-)
+from berdiff.io import AtomicNibabelWriter, case_name_formatter, check_checkpoint, inference_datalist, load_datalist
+from berdiff.utils import MODALITIES, case_name
 
-MODS = ("t1", "t1ce", "t2", "flair")
+MODS = MODALITIES
 
 
 def _touch_case(root: str, case: str, mods=MODS, seg: bool = False) -> None:
@@ -81,16 +74,6 @@ class TestAtomicWriter(unittest.TestCase):
                 self._save(torch.zeros(1, 3, 3, 3), np.eye(4))
         self.assertEqual(float(nib.load(path).get_fdata().min()), 1.0)
         self.assertEqual(os.listdir(self.tmp), [os.path.basename(path)])
-
-    def test_atomic_json(self):
-        path = atomic_write_json({"a": 1}, os.path.join(self.tmp, "sub", "x.json"))
-        with open(path) as f:
-            self.assertEqual(json.load(f), {"a": 1})
-        with self.assertRaises(TypeError):
-            atomic_write_json({"a": object()}, path)
-        with open(path) as f:
-            self.assertEqual(json.load(f), {"a": 1})
-        self.assertEqual(os.listdir(os.path.dirname(path)), ["x.json"])
 
 
 def _umask() -> int:

@@ -1,11 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
 # Copyright (c) berdiff contributors
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#     http://www.apache.org/licenses/LICENSE-2.0
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 """
 Image formats beyond NIfTI (NRRD, MetaImage, DICOM series), read by MONAI's ``ITKReader`` through ``LoadImaged``.
 This module gives the header-only checks of :class:`berdiff.transforms.CheckImageFilesd` the same shape and RAS
@@ -15,17 +9,14 @@ affine that ``ITKReader`` gives the loaded image, so that the checks agree with 
 from __future__ import annotations
 
 import os
-import re
 from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["ITK_SUFFIXES", "ImageHeader", "is_nifti", "is_itk_image", "read_itk_header", "image_stem"]
+__all__ = ["ITK_SUFFIXES", "ImageHeader", "is_itk_image", "read_itk_header"]
 
 #: single-file formats read through ITK (a DICOM series is a folder)
 ITK_SUFFIXES: tuple[str, ...] = (".nrrd", ".nhdr", ".mha", ".mhd")
-_NIFTI = re.compile(r"\.nii(\.gz)?$", flags=re.IGNORECASE)
-_IMAGE_EXT = re.compile(r"(\.nii(\.gz)?|\.nrrd|\.nhdr|\.mha|\.mhd|\.dcm)$", flags=re.IGNORECASE)
 
 
 class ImageHeader(NamedTuple):
@@ -35,20 +26,10 @@ class ImageHeader(NamedTuple):
     affine: np.ndarray
 
 
-def is_nifti(path: str | os.PathLike) -> bool:
-    """Whether ``path`` names a NIfTI file (``.nii`` / ``.nii.gz``)."""
-    return bool(_NIFTI.search(os.fspath(path)))
-
-
 def is_itk_image(path: str | os.PathLike) -> bool:
     """Whether ``path`` is an NRRD/MetaImage file or a folder (a DICOM series)."""
     path = os.fspath(path)
     return os.path.isdir(path) or path.lower().endswith(ITK_SUFFIXES)
-
-
-def image_stem(path: str | os.PathLike) -> str:
-    """Base name without the image extension (``a.nii.gz`` -> ``a``, ``b.nrrd`` -> ``b``, folder ``c/`` -> ``c``)."""
-    return _IMAGE_EXT.sub("", os.path.basename(os.path.normpath(os.fspath(path))))
 
 
 def _ras_affine(direction: np.ndarray, spacing: np.ndarray, origin: np.ndarray) -> np.ndarray:
