@@ -86,6 +86,7 @@ class TestLatentMapsOnSyntheticCodes(unittest.TestCase):
         # largest value outside
         change = out["latent_code_change"]
         self.assertGreater(change[region].min().item(), change[~region].max().item())
+        self.assertGreater(auroc["latent_confident_change"], 0.95, auroc)
         # the flip probability of the noisy code x_t is dominated by the injected noise: clearly worse
         self.assertLess(auroc["latent_flip_probability"], auroc["latent_code_change"] - 0.02, auroc)
         # the anomalous bits are healed (the code is the healthy one), and few healthy bits change
@@ -102,6 +103,30 @@ class TestLatentMapsOnSyntheticCodes(unittest.TestCase):
         # the autoencoder-only map of an exact codec is zero; the anomaly map counts the changed bits
         self.assertEqual(out["autoencoder_map"].abs().max().item(), 0.0)
         self.assertTrue(torch.allclose(out["anomaly_map"], code.shape[1] * out["latent_changed_bits"]))
+
+    def test_confident_change_ignores_uncertain_healthy_bits(self):
+        # a healthy "textured" region whose bits the denoiser cannot predict (it answers x0_hat = 0.5 there, flip
+        # logit 0: an under-trained denoiser in fine texture) beside the anomalous region it is sure about
+        healthy, code, region = _synthetic()
+        textured = torch.zeros_like(region)
+        textured[:, :, 16:24, 12:24] = True
+        textured &= ~region
+        scheduler = BernoulliScheduler(num_train_timesteps=1000)
+        exact = PosteriorDenoiser(healthy, scheduler)
+
+        def unsure_in_texture(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            return exact(x, timesteps).masked_fill(textured.expand_as(x), 0.0)
+
+        inferer = MaskedBernoulliInferer(scheduler, noise_level=100, num_inference_steps=10, prob_threshold=0.5)
+        out = inferer(code, IdentityCodec(), unsure_in_texture, torch.Generator().manual_seed(1))
+        labels = region.flatten().numpy()
+        auroc = {key: roc_auc_score(labels, out[key].flatten().numpy()) for key in LATENT_MAP_KEYS}
+        # the mean difference counts the guessed bits of the textured region (|0.5 - z| = 0.5); the confident share
+        # counts only the bits the denoiser is sure about
+        self.assertGreater(auroc["latent_confident_change"], 0.95, auroc)
+        self.assertLess(auroc["latent_code_change"], auroc["latent_confident_change"] - 0.05, auroc)
+        confident = out["latent_confident_change"]
+        self.assertEqual(confident[textured].max().item(), 0.0)
 
     def test_marginal_step_posterior_heals_more_than_plug_in(self):
         # with an exact posterior denoiser, the marginal reverse step is ancestral sampling of the prior: about eps of

@@ -102,12 +102,21 @@ class LatentMap(StrEnum):
     flip_probability: the predicted flip probability of the noisy code ``x_t``, reduced over channels (see
         :class:`LatentReduction`) and averaged over the K steps (the paper's latent map; it mostly measures the
         noise injected at each step, not the input's anomalous bits).
+    confident_change: the share of latent channels whose predicted healthy bit differs from the input bit with
+        probability above :data:`CONFIDENT_CHANGE` (``|x0_hat - z_in| > 0.9``), averaged over the K steps: the bits
+        the denoiser is sure are not healthy. Unlike ``code_change`` it does not count the bits the denoiser is merely
+        unsure about, which are most frequent in finely textured healthy tissue.
     """
 
     CODE_CHANGE = "code_change"
     MASK_FRACTION = "mask_fraction"
     CHANGED_BITS = "changed_bits"
     FLIP_PROBABILITY = "flip_probability"
+    CONFIDENT_CHANGE = "confident_change"
+
+
+#: probability of a differing bit above which ``LatentMap.CONFIDENT_CHANGE`` counts it
+CONFIDENT_CHANGE = 0.9
 
 
 #: output-dict keys of the latent maps, in :class:`LatentMap` order
@@ -251,13 +260,16 @@ class MaskedBernoulliSampler:
         mask = torch.zeros_like(z_in, dtype=torch.bool)
         flip_sum = torch.zeros((batch, 1, *z_in.shape[2:]), device=z_in.device, dtype=torch.float32)
         change_sum = torch.zeros_like(flip_sum)
+        confident_sum = torch.zeros_like(flip_sum)
         code = z_in
         for i, t in enumerate(steps):
             logits = diffusion_model(x, timesteps=timesteps[i].expand(batch))
             flip = self.scheduler.predict_flip(logits, x)
             x0_hat = self.scheduler.predict_original(logits, x)
             flip_sum += self._reduce_channels(flip)
-            change_sum += (x0_hat - z_in).abs().mean(dim=1, keepdim=True)
+            difference = (x0_hat - z_in).abs()
+            change_sum += difference.mean(dim=1, keepdim=True)
+            confident_sum += (difference > CONFIDENT_CHANGE).float().mean(dim=1, keepdim=True)
             if self.masked:
                 mask |= flip > self.prob_threshold
                 x0_tilde = torch.where(mask, x0_hat, z_in)
@@ -279,6 +291,7 @@ class MaskedBernoulliSampler:
             LatentMap.MASK_FRACTION: mask.float().mean(dim=1, keepdim=True),
             LatentMap.CHANGED_BITS: (code.float() - z_in).abs().mean(dim=1, keepdim=True),
             LatentMap.FLIP_PROBABILITY: flip_sum / len(timesteps),
+            LatentMap.CONFIDENT_CHANGE: confident_sum / len(timesteps),
         }
         outputs = {
             "reconstruction": reconstruction,

@@ -14,6 +14,7 @@ from monai.networks.schedulers import DDPMScheduler
 from berdiff.apps.benchmark.baselines import AutoencoderReconstructionInferer, GaussianPartialNoisingInferer, partial_timesteps
 from berdiff.apps.benchmark import Method, benchmark, cache_key
 from berdiff.data.lesions import make_lesions
+from berdiff.inferers import LatentMap
 from berdiff.networks import autoencoder_from_preset
 from tests.utils import write_heads
 
@@ -120,6 +121,15 @@ class TestMiniBenchmark(unittest.TestCase):
             self.assertGreater(r["params"], 0)
             self.assertIn(r["threshold"], [round(0.05 * k, 2) for k in range(1, 20)])
         self.assertAlmostEqual(res["methods"]["masked"]["speed_ratio_to_masked"], 1.0)
+        # every latent map of the Bernoulli methods is scored on the held-out split and reported; the others have none
+        for m in ("masked", "unmasked"):
+            latent = res["methods"][m]["test"]["latent_maps"]
+            self.assertEqual(sorted(latent), sorted(x.value for x in LatentMap))
+            for name, v in latent.items():
+                self.assertTrue(0.0 <= v["auroc_brain_pooled"] <= 1.0 and 0.0 <= v["auprc_brain_pooled"] <= 1.0, name)
+        self.assertEqual(res["methods"]["ddpm"]["test"]["latent_maps"], {})
+        self.assertIn("## Latent maps of the Bernoulli methods", md)
+        self.assertIn("latent confident_change", md)
         # the AE's parameters are counted in the Bernoulli methods
         self.assertGreater(res["methods"]["masked"]["params"], res["methods"]["ae"]["params"])
 

@@ -100,8 +100,9 @@ def demo(
     diffusion_batch_size: int = 32,
     diffusion_learning_rate: float = 1e-3,
     ema_momentum: float = 0.02,
-    train_max_timestep: int | None = 400,
-    noise_level: int = 300,
+    train_max_timestep: int | None = 150,
+    prediction_type: str = "sample",
+    noise_level: int = 100,
     prob_threshold: float = 0.5,
     num_inference_steps: int = 10,
     sw_batch_size: int = 16,
@@ -139,6 +140,7 @@ def demo(
         diffusion_learning_rate: stage-2 learning rate.
         ema_momentum: EMA momentum of both stages (large, because the demo trains for few iterations).
         train_max_timestep: stage-2 training timesteps are drawn below this (must be >= noise_level); None: all.
+        prediction_type: what the stage-2 denoiser predicts (``berdiff.schedulers.BernoulliPredictionType``).
         noise_level: L.
         prob_threshold: P.
         num_inference_steps: K (strided schedule from L - 1 to 0).
@@ -153,7 +155,7 @@ def demo(
     check_settings(
         {"preset": preset, "spatial_size": spatial_size, "noise_level": noise_level, "prob_threshold": prob_threshold,
          "num_inference_steps": num_inference_steps, "train_max_timestep": train_max_timestep, "seed": seed,
-         "sw_batch_size": sw_batch_size, "ema_momentum": ema_momentum}
+         "sw_batch_size": sw_batch_size, "ema_momentum": ema_momentum, "prediction_type": prediction_type}
     )
     for knob, value in (("num_subjects", num_subjects), ("ae_epochs", ae_epochs), ("ae_batch_size", ae_batch_size),
                         ("diffusion_epochs", diffusion_epochs), ("diffusion_batch_size", diffusion_batch_size)):
@@ -260,7 +262,8 @@ def demo(
         + common
         + ["--max_epochs", str(diffusion_epochs), "--batch_size", str(diffusion_batch_size),
            "--learning_rate", str(diffusion_learning_rate), "--output_dir", str(logs_dir / "train_diffusion"),
-           "--train_max_timestep", "None" if train_max_timestep is None else str(train_max_timestep)],
+           "--train_max_timestep", "None" if train_max_timestep is None else str(train_max_timestep),
+           "--prediction_type", str(prediction_type)],
         logs_dir / "train_diffusion.log",
         env,
         echo=("train_diffusion:",),
@@ -311,7 +314,8 @@ def demo(
             "num_subjects": num_subjects, "tumour_fraction": tumour_fraction, "val_fraction": val_fraction,
             "seed": seed, "spacing": spacing, "preset": preset, "spatial_size": spatial_size,
             "slice_range": [slice_start, slice_stop], "ae_epochs": ae_epochs, "diffusion_epochs": diffusion_epochs,
-            "train_max_timestep": train_max_timestep, "noise_level": noise_level, "prob_threshold": prob_threshold,
+            "train_max_timestep": train_max_timestep, "prediction_type": str(prediction_type),
+            "noise_level": noise_level, "prob_threshold": prob_threshold,
             "num_inference_steps": num_inference_steps, "anomaly_reference": str(anomaly_reference),
             "step_posterior": str(step_posterior),
         },

@@ -30,7 +30,10 @@ def encode_dataset(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     codes = []
     for batch in loader:
-        images = torch.as_tensor(batch[key] if isinstance(batch, dict) else batch).float().to(device)
+        # plain tensors: the codes are training data, and collated MetaTensors would carry batched meta data that
+        # breaks indexing the codes later
+        images = torch.as_tensor(batch[key] if isinstance(batch, dict) else batch).as_subclass(torch.Tensor)
+        images = images.float().to(device)
         with torch.autocast(device.type, enabled=False):
             codes.append(autoencoder.encode_stage_2_inputs(images).to(torch.uint8))
     if not codes:

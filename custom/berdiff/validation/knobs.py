@@ -281,6 +281,12 @@ def _placement(knob: str, value: Any) -> Any:
     return check_option(knob, value, Placement)
 
 
+def _prediction_type(knob: str, value: Any) -> Any:
+    from berdiff.schedulers import BernoulliPredictionType
+
+    return check_option(knob, value, BernoulliPredictionType)
+
+
 def _lr_rule(knob: str, value: Any) -> Any:
     from berdiff.training.trainers import LearningRateRule
 
@@ -299,6 +305,7 @@ SETTING_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "data_placement": _placement,
     "log_interval": _positive_int,
     "lr_rule": _lr_rule,
+    "prediction_type": _prediction_type,
     "base_learning_rate": _positive_float,
     "ema_warmup": _bool,
     "batch_size": _positive_int,
