@@ -1,5 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
 # Copyright (c) berdiff contributors
-# Licensed under the Apache License, Version 2.0 (the "License").
 """
 Metrics of the IXI bundle's released weights on a synthetic-lesion set (``python -m berdiff make_lesions``), from the
 anomaly maps that the bundle's ``configs/inference.yaml`` wrote for its ``images/`` and ``healthy/`` folders::

@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# Copyright (c) berdiff contributors
 # MONAI Label 0.8.5 server test of the built brain MRI bundle (`make test-monailabel`):
 #  1. a virtual environment with monailabel and its working pins, cached outside the clone (keyed by the pins);
 #  2. the monaibundle sample app (`apps --download` copies it from the installed package: no network), the built bundle (with a tiny random

@@ -1,5 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
 # Copyright (c) berdiff contributors
-# Licensed under the Apache License, Version 2.0 (the "License").
 """
 Runs the MONAI model zoo's own bundle check (``ci/verify_bundle.py`` of a Project-MONAI/model-zoo checkout) on built
 bundles (``make bundles``), offline, with the exclusions these generative bundles need (each stated below and in the

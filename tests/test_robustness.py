@@ -1,5 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
 # Copyright (c) berdiff contributors
-# Licensed under the Apache License, Version 2.0 (the "License").
 """
 The robustness matrix: bad knobs, configs loaded without data, hostile or odd input files, broken checkpoints, failing
 writes and visible progress. Each bad case must give one clear error naming the problem and leave no output behind.

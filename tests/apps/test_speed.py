@@ -1,5 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
 # Copyright (c) berdiff contributors
-# Licensed under the Apache License, Version 2.0 (the "License").
 """berdiff.apps.speed: the side-by-side speed table (tiny sizes)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
 # Copyright (c) berdiff contributors
-# Licensed under the Apache License, Version 2.0 (the "License").
 """The brain MRI bundle's configs/inference.yaml, run through monai.bundle with a tiny random model."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
 # Copyright (c) berdiff contributors
-# Licensed under the Apache License, Version 2.0 (the "License").
 """configs/inference.yaml at scale: torchrun (2 gloo processes) equals one process, killed runs resume, bad cases."""
 
 from __future__ import annotations

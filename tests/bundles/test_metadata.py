@@ -1,5 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
 # Copyright (c) berdiff contributors
-# Licensed under the Apache License, Version 2.0 (the "License").
 """Every bundle's configs/metadata.json: the zoo's required files and output labels, and (when the schema file is
 given in the environment variable BERDIFF_META_SCHEMA, e.g. by `make test SCHEMA=...`) the metadata schema."""
 

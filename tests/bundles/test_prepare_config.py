@@ -1,5 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
 # Copyright (c) berdiff contributors
-# Licensed under the Apache License, Version 2.0 (the "License").
 """configs/prepare.yaml: data preparation from a raw BraTS-layout folder as a bundle step."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
 # Copyright (c) berdiff contributors
-# Licensed under the Apache License, Version 2.0 (the "License").
 """Self-contained release bundles (berdiff.apps.release): layout, metadata, zip, and inference where berdiff is NOT
 importable except from the bundle's own copy."""
 

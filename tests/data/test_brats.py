@@ -1,5 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
 # Copyright (c) berdiff contributors
-# Licensed under the Apache License, Version 2.0 (the "License").
 from __future__ import annotations
 
 import json

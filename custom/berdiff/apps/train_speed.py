@@ -1,5 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
 # Copyright (c) berdiff contributors
-# Licensed under the Apache License, Version 2.0 (the "License").
 """
 Training throughput, side by side (``python -m berdiff train_speed``): samples/s of both stages and presets through
 the project's training path (:func:`berdiff.training.build_trainer`) and through the configuration the bundles

@@ -1,5 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
 # Copyright (c) berdiff contributors
-# Licensed under the Apache License, Version 2.0 (the "License").
 """Data: BraTS-layout preparation, synthetic demo volumes, synthetic lesions on 2D images.
 
 Submodules are imported explicitly (``from berdiff.data.brats import ...``) so that optional dependencies of one

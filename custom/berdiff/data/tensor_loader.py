@@ -1,5 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
 # Copyright (c) berdiff contributors
-# Licensed under the Apache License, Version 2.0 (the "License").
 """Batches drawn from tensors that already live on the training device (no worker processes, no host copies)."""
 
 from __future__ import annotations

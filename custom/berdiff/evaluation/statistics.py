@@ -1,5 +1,5 @@
+# SPDX-License-Identifier: Apache-2.0
 # Copyright (c) berdiff contributors
-# Licensed under the Apache License, Version 2.0 (the "License").
 """Paired bootstrap confidence intervals for differences between two methods scored on the same items."""
 
 from __future__ import annotations
