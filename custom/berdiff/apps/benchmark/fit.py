@@ -206,7 +206,8 @@ def cached(
     if path.is_file():
         try:  # tensors and strings only (info and settings as JSON), so weights_only=True reads it
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            info = json.loads(ckpt["info"])
+            info = ckpt["info"]  # JSON text; caches of earlier versions hold the dict itself
+            info = json.loads(info) if isinstance(info, str) else dict(info)
         except Exception as e:  # a cache written by an older version (pickled dicts): train again
             log(f"ignoring unreadable checkpoint cache {path.name} ({type(e).__name__})")
         else:
