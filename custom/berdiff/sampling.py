@@ -170,6 +170,8 @@ class MaskedBernoulliSampler:
         latent_reduction: a :class:`LatentReduction` over latent channels for ``latent_flip_probability``.
         anomaly_reference: an :class:`AnomalyReference`: what ``anomaly_map`` compares the reconstruction with.
         step_posterior: a :class:`StepPosterior`: how each reverse step uses the soft estimate of ``x_0``.
+        autoencoder_map: also return ``autoencoder_map`` (one more decoder call per batch: the input code is decoded
+            too); without it that call is made only for ``anomaly_reference="autoencoder"``.
     """
 
     def __init__(
@@ -183,6 +185,7 @@ class MaskedBernoulliSampler:
         latent_reduction: str = LatentReduction.MEAN,
         anomaly_reference: str = AnomalyReference.INPUT,
         step_posterior: str = StepPosterior.MARGINAL,
+        autoencoder_map: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(scheduler, BernoulliScheduler):
@@ -200,6 +203,7 @@ class MaskedBernoulliSampler:
         self.latent_reduction = LatentReduction(latent_reduction)
         self.anomaly_reference = AnomalyReference(anomaly_reference)
         self.step_posterior = StepPosterior(step_posterior)
+        self.autoencoder_map = bool(autoencoder_map)
         self.noise_level = int(noise_level)
         self.num_inference_steps = self.noise_level if num_inference_steps is None else int(num_inference_steps)
         # validates 1 <= K <= L <= T
@@ -236,7 +240,7 @@ class MaskedBernoulliSampler:
         Returns:
             a dict with ``reconstruction`` (B, C, ...), ``anomaly_map`` (B, 1, ...): the squared residual summed over
             channels (against the input, or the autoencoder's reconstruction, see ``anomaly_reference``),
-            ``autoencoder_map`` (B, 1, ...): the autoencoder-only map ``sum_c (D(z_in) - x)^2`` (what the map would be
+            ``autoencoder_map`` (B, 1, ...; with ``autoencoder_map=True``): the autoencoder-only map ``sum_c (D(z_in) - x)^2`` (what the map would be
             without the diffusion model), the latent maps ``latent_code_change``, ``latent_mask_fraction``,
             ``latent_changed_bits``, ``latent_flip_probability`` (B, 1, ...; see :class:`LatentMap`), resized to the
             image, ``latent_flip_map``: the same tensor as ``latent_flip_probability`` (its former name), ``mask``
@@ -275,10 +279,12 @@ class MaskedBernoulliSampler:
             else:
                 code = (x0_tilde > 0.5).float() if self.final_code == FinalCode.BINARY else x0_tilde
         reconstruction = autoencoder.decode_stage_2_outputs(code).float().clamp(0.0, 1.0)
-        ae_reconstruction = autoencoder.decode_stage_2_outputs(z_in).float().clamp(0.0, 1.0)
-        reference = ae_reconstruction if self.anomaly_reference == AnomalyReference.AUTOENCODER else inputs.float()
+        ae_reference = self.anomaly_reference == AnomalyReference.AUTOENCODER
+        ae_reconstruction = None
+        if self.autoencoder_map or ae_reference:
+            ae_reconstruction = autoencoder.decode_stage_2_outputs(z_in).float().clamp(0.0, 1.0)
+        reference = ae_reconstruction if ae_reference else inputs.float()
         anomaly_map = (reconstruction - reference).pow(2).sum(dim=1, keepdim=True)
-        autoencoder_map = (ae_reconstruction - inputs.float()).pow(2).sum(dim=1, keepdim=True)
         mode = "bilinear" if inputs.ndim == 4 else "trilinear"
         latent = {
             LatentMap.CODE_CHANGE: change_sum / len(timesteps),
@@ -287,11 +293,9 @@ class MaskedBernoulliSampler:
             LatentMap.FLIP_PROBABILITY: flip_sum / len(timesteps),
             LatentMap.CONFIDENT_CHANGE: confident_sum / len(timesteps),
         }
-        outputs = {
-            "reconstruction": reconstruction,
-            "anomaly_map": anomaly_map,
-            "autoencoder_map": autoencoder_map,
-        }
+        outputs = {"reconstruction": reconstruction, "anomaly_map": anomaly_map}
+        if self.autoencoder_map:
+            outputs["autoencoder_map"] = (ae_reconstruction - inputs.float()).pow(2).sum(dim=1, keepdim=True)
         for name, value in latent.items():
             outputs[f"latent_{name.value}"] = F.interpolate(value, size=inputs.shape[2:], mode=mode, align_corners=False)
         outputs["latent_flip_map"] = outputs["latent_flip_probability"]

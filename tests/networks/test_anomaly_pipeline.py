@@ -94,6 +94,19 @@ class TestAnomalyPipeline(unittest.TestCase):
         with self.assertRaises(ValueError):
             tiny_pipeline(output_keys=("nope",))
 
+    def test_autoencoder_map_decodes_only_when_asked(self):
+        x = torch.rand(3, 2, 16, 16)
+        x[1] = 0.0  # an empty slice: the partial path too
+        maps = {}
+        for keys in (("anomaly_map",), ("anomaly_map", "autoencoder_map")):
+            pipe = tiny_pipeline(output_keys=keys)
+            decodes = []
+            pipe.autoencoder.decoder.register_forward_hook(lambda m, i, o: decodes.append(i[0].shape[0]))
+            maps[keys] = pipe(x)
+            self.assertEqual(decodes, [2] * len(keys), keys)  # the input code is decoded only for the second map
+            self.assertEqual("autoencoder_map" in pipe.run(x), "autoencoder_map" in keys)
+        self.assertTrue(torch.equal(maps[("anomaly_map",)], maps[("anomaly_map", "autoencoder_map")][:, :1]))
+
     def test_empty_slices_skipped(self):
         pipe = tiny_pipeline(output_keys=("anomaly_map", "reconstruction"))
         x = torch.rand(3, 2, 16, 16)

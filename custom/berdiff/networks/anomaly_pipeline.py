@@ -147,6 +147,8 @@ class AnomalyPipeline(nn.Module):
             latent_reduction=latent_reduction,
             anomaly_reference=anomaly_reference,
             step_posterior=step_posterior,
+            # the input code is decoded a second time only for the autoencoder-only map
+            autoencoder_map="autoencoder_map" in tuple(output_keys),
         )
         output_keys = tuple(output_keys)
         unknown = [k for k in output_keys if k not in PIPELINE_OUTPUT_KEYS]
@@ -165,7 +167,8 @@ class AnomalyPipeline(nn.Module):
     @torch.no_grad()
     def run(self, image: torch.Tensor, generator: GeneratorLike = None) -> dict[str, torch.Tensor]:
         """
-        All outputs of :class:`~berdiff.sampling.MaskedBernoulliSampler` for a batch of images in [0, 1].
+        All outputs of :class:`~berdiff.sampling.MaskedBernoulliSampler` for a batch of images in [0, 1]
+        (``autoencoder_map`` only when it is one of ``output_keys``: it costs one more decoder call).
 
         Args:
             image: (B, C, H, W) tensor.
@@ -181,7 +184,9 @@ class AnomalyPipeline(nn.Module):
             return self.inferer(image, self.autoencoder, self.unet, generator)
         # constant slices (background): zero maps, identity reconstruction
         zeros = torch.zeros_like(image[:, :1], dtype=torch.float32)
-        outputs = {"reconstruction": image.float().clone(), "anomaly_map": zeros, "autoencoder_map": zeros.clone()}
+        outputs = {"reconstruction": image.float().clone(), "anomaly_map": zeros}
+        if self.inferer.autoencoder_map:
+            outputs["autoencoder_map"] = zeros.clone()
         outputs.update({k: zeros.clone() for k in LATENT_MAP_KEYS})
         if bool(active.any()):
             idx = active.nonzero().flatten()
