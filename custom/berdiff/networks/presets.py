@@ -109,7 +109,7 @@ def autoencoder_from_preset(preset: str = "reference", in_channels: int = 1, spa
 
 def denoiser_from_preset(preset: str = "reference", latent_channels: int | None = None, spatial_dims: int = 2, **overrides) -> DiffusionModelUNet:
     """
-    A MONAI ``DiffusionModelUNet`` of a named size that maps a binary code to flip logits (no final activation).
+    A MONAI ``DiffusionModelUNet`` of a named size that maps a binary code to logits (no final activation; of x_0 or of the flips, see the scheduler's ``prediction_type``).
 
     Args:
         preset: a :class:`Preset` name.
