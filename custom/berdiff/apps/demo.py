@@ -97,7 +97,7 @@ def demo(
     train_max_timestep: int | None = 150,
     prediction_type: str = "sample",
     noise_level: int = 100,
-    prob_threshold: float = 0.5,
+    prob_threshold: float = 0.95,
     num_inference_steps: int = 10,
     sw_batch_size: int = 16,
     anomaly_reference: str = "input",

@@ -26,6 +26,7 @@ from berdiff.evaluation.protocols import (
     slice_statistics,
     summarise_slices,
 )
+from berdiff.sampling import LatentMap
 
 __all__ = [
     "EXTRA_MAPS",
@@ -43,10 +44,7 @@ __all__ = [
 MAP_KEYS = {
     "anomaly": "score",
     "autoencoder": "autoencoder",
-    "latent_code_change": "latent_code_change",
-    "latent_mask_fraction": "latent_mask_fraction",
-    "latent_changed_bits": "latent_changed_bits",
-    "latent_flip_probability": "latent_flip_probability",
+    **{f"latent_{m.value}": f"latent_{m.value}" for m in LatentMap},
     "latent_flip": "latent_flip",
 }
 #: the optional maps (case key = map name = file postfix)
