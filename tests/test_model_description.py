@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import unittest
 
 import torch
@@ -24,6 +23,7 @@ from berdiff.model_description import (
 from berdiff.io import identify_preset, load_pipeline_weights
 from berdiff.networks import AnomalyPipeline, autoencoder_from_preset, denoiser_from_preset
 from berdiff.training import export_pipeline
+from tests.utils import TempDirMixin
 
 
 def tiny_description(**kwargs) -> dict:
@@ -32,16 +32,13 @@ def tiny_description(**kwargs) -> dict:
     return make_model_description(**args)
 
 
-class TestModelDescription(unittest.TestCase):
+class TestModelDescription(TempDirMixin, unittest.TestCase):
     def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory()
-        self.model = os.path.join(self._tmp.name, "models", "model.pt")
-
-    def tearDown(self):
-        self._tmp.cleanup()
+        super().setUp()
+        self.model = os.path.join(self.tmp, "models", "model.pt")
 
     def test_path_and_round_trip_layout(self):
-        self.assertEqual(description_path(self.model), os.path.join(self._tmp.name, "models", "model.json"))
+        self.assertEqual(description_path(self.model), os.path.join(self.tmp, "models", "model.json"))
         write_model_description(self.model, tiny_description(trained_iterations=12))
         with open(description_path(self.model), encoding="utf-8") as f:
             text = f.read()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import unittest
 
 import nibabel as nib
@@ -14,6 +13,7 @@ from monai.transforms import Invertd
 from berdiff.transforms import HeadPercentileScaled, volume_preprocessing
 from berdiff.utils import MODALITIES
 from berdiff.validation import root_cause
+from tests.utils import TempDirMixin
 
 AFFINE = np.array([[-1.5, 0, 0, 10], [0, 0, 2.0, -5], [0, -1.0, 0, 3], [0, 0, 0, 1]])  # non-RAS, anisotropic
 
@@ -35,7 +35,7 @@ def write_case(folder: str, shape=(20, 10, 12), affine=AFFINE, modalities=MODALI
     return files, seg_path
 
 
-class TestVolumePreprocessing(unittest.TestCase):
+class TestVolumePreprocessing(TempDirMixin, unittest.TestCase):
     def assertRaisesCause(self, regex, func, *args):
         """the transform chain raises, and the root cause is a ValueError whose message matches ``regex``"""
         with self.assertRaises(Exception) as ctx:
@@ -44,15 +44,8 @@ class TestVolumePreprocessing(unittest.TestCase):
         self.assertIsInstance(cause, ValueError)
         self.assertRegex(str(cause), regex)
 
-    def setUp(self):
-        self.tmp = tempfile.TemporaryDirectory()
-        self.dir = self.tmp.name
-
-    def tearDown(self):
-        self.tmp.cleanup()
-
     def test_loads_orients_scales_pads_and_inverts(self):
-        files, seg = write_case(self.dir)
+        files, seg = write_case(self.tmp)
         pre = volume_preprocessing("image", label_key="label", spatial_size=(32, 32))
         out = pre({"image": files, "label": seg})
         img = out["image"]
@@ -71,26 +64,26 @@ class TestVolumePreprocessing(unittest.TestCase):
 
     def test_single_four_channel_file(self):
         arr = np.random.default_rng(0).uniform(1, 2, (8, 8, 4, 4)).astype(np.float32)
-        path = os.path.join(self.dir, "four.nii.gz")
+        path = os.path.join(self.tmp, "four.nii.gz")
         nib.save(nib.Nifti1Image(arr, np.eye(4)), path)
         out = volume_preprocessing(spatial_size=(16, 16))({"image": path})
         self.assertEqual(tuple(out["image"].shape), (4, 16, 16, 4))
 
     def test_clear_errors(self):
-        files, seg = write_case(self.dir)
+        files, seg = write_case(self.tmp)
         pre = volume_preprocessing(spatial_size=(32, 32))
         self.assertRaisesCause("expected 4 channels", pre, {"image": files[:3]})
-        missing = os.path.join(self.dir, "missing_flair.nii.gz")
+        missing = os.path.join(self.tmp, "missing_flair.nii.gz")
         self.assertRaisesCause("not found.*missing", pre, {"image": files[:3] + [missing]})
-        bad = os.path.join(self.dir, "corrupt_flair.nii.gz")
+        bad = os.path.join(self.tmp, "corrupt_flair.nii.gz")
         with open(bad, "wb") as f:
             f.write(b"not a nifti file")
         self.assertRaisesCause("cannot read.*corrupt_flair", pre, {"image": files[:3] + [bad]})
-        other = os.path.join(self.dir, "other")
+        other = os.path.join(self.tmp, "other")
         os.makedirs(other)
         odd, _ = write_case(other, shape=(20, 10, 13))
         self.assertRaisesCause("shape mismatch", pre, {"image": files[:3] + odd[3:]})
-        nan_dir = os.path.join(self.dir, "nan")
+        nan_dir = os.path.join(self.tmp, "nan")
         os.makedirs(nan_dir)
         nan_files, _ = write_case(nan_dir, shape=(20, 10, 12))
         arr = nib.load(nan_files[0]).get_fdata().astype(np.float32)

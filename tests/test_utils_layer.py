@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import unittest
 
 import numpy as np
@@ -21,16 +20,10 @@ from berdiff.utils import (
     strip_nifti,
     to_json_safe,
 )
+from tests.utils import TempDirMixin
 
 
-class TestAtomicWriting(unittest.TestCase):
-    def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory()
-        self.tmp = self._tmp.name
-
-    def tearDown(self):
-        self._tmp.cleanup()
-
+class TestAtomicWriting(TempDirMixin, unittest.TestCase):
     def test_failed_write_leaves_old_file_and_no_temp(self):
         path = os.path.join(self.tmp, "a.json")
         atomic_write_json({"x": 1}, path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import unittest
 
 import nibabel as nib
@@ -20,34 +19,27 @@ from berdiff.data.images2d import (
     scale_intensity,
     stem,
 )
-from tests.utils import synthetic_head
+from tests.utils import TempDirMixin, synthetic_head
 
 
-class TestReadAndScale(unittest.TestCase):
-    def setUp(self):
-        self.tmp = tempfile.TemporaryDirectory()
-        self.dir = self.tmp.name
-
-    def tearDown(self):
-        self.tmp.cleanup()
-
+class TestReadAndScale(TempDirMixin, unittest.TestCase):
     def test_png_and_nifti_hw1(self):
         img = (synthetic_head() * 255).astype(np.uint8)
-        Image.fromarray(img).save(os.path.join(self.dir, "a.png"))
-        nib.save(nib.Nifti1Image(img.astype(np.float32)[..., None] / 255.0, np.eye(4)), os.path.join(self.dir, "b.nii.gz"))
-        self.assertEqual([p.name for p in list_images(self.dir)], ["a.png", "b.nii.gz"])
+        Image.fromarray(img).save(os.path.join(self.tmp, "a.png"))
+        nib.save(nib.Nifti1Image(img.astype(np.float32)[..., None] / 255.0, np.eye(4)), os.path.join(self.tmp, "b.nii.gz"))
+        self.assertEqual([p.name for p in list_images(self.tmp)], ["a.png", "b.nii.gz"])
         self.assertEqual(stem("x/b.nii.gz"), "b")
-        png = read_image(os.path.join(self.dir, "a.png"))
+        png = read_image(os.path.join(self.tmp, "a.png"))
         self.assertEqual(png.dtype, np.uint8)
         np.testing.assert_array_equal(png, img)
-        nii = read_image(os.path.join(self.dir, "b.nii.gz"))
+        nii = read_image(os.path.join(self.tmp, "b.nii.gz"))
         self.assertEqual(nii.shape, img.shape)  # H x W x 1 squeezed
         np.testing.assert_allclose(scale_intensity(png), img / 255.0, atol=1e-6)
         np.testing.assert_allclose(scale_intensity(nii), img / 255.0, atol=1e-6)  # already in [0, 1]: kept
         wide = scale_intensity(np.array([[10.0, 20.0], [30.0, 50.0]]))
         self.assertEqual((wide.min(), wide.max()), (0.0, 1.0))
         for size in (128, 256):
-            arr, names = load_folder(self.dir, size)
+            arr, names = load_folder(self.tmp, size)
             self.assertEqual(arr.shape, (2, size, size))
             self.assertEqual(names, ["a", "b"])
             self.assertGreaterEqual(arr.min(), 0.0)
@@ -67,21 +59,21 @@ class TestReadAndScale(unittest.TestCase):
 
     def test_errors(self):
         with self.assertRaisesRegex(FileNotFoundError, "does not exist"):
-            list_images(os.path.join(self.dir, "nope"))
+            list_images(os.path.join(self.tmp, "nope"))
         with self.assertRaisesRegex(FileNotFoundError, "no image files"):
-            list_images(self.dir)
-        bad = os.path.join(self.dir, "corrupt.png")
+            list_images(self.tmp)
+        bad = os.path.join(self.tmp, "corrupt.png")
         with open(bad, "wb") as f:
             f.write(b"not a png at all")
         with self.assertRaisesRegex(ValueError, "corrupt.png"):
             read_image(bad)
         with self.assertRaisesRegex(ValueError, "corrupt.png"):
-            load_folder(self.dir)
-        vol = os.path.join(self.dir, "vol.nii.gz")
+            load_folder(self.tmp)
+        vol = os.path.join(self.tmp, "vol.nii.gz")
         nib.save(nib.Nifti1Image(np.zeros((8, 8, 3), np.float32), np.eye(4)), vol)
         with self.assertRaisesRegex(ValueError, "2D"):
             read_image(vol)
-        nan = os.path.join(self.dir, "nan.nii.gz")
+        nan = os.path.join(self.tmp, "nan.nii.gz")
         arr = np.ones((8, 8), np.float32)
         arr[2, 2] = np.nan
         nib.save(nib.Nifti1Image(arr, np.eye(4)), nan)

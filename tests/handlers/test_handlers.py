@@ -23,6 +23,7 @@ from berdiff.handlers import (
     preflight,
     run_evaluator,
 )
+from tests.utils import TempDirMixin
 
 
 class _Net(nn.Module):
@@ -44,14 +45,7 @@ def _volume(name: str, depth: int, head: slice) -> dict:
     return {"image": MetaTensor(img, meta={"filename_or_obj": f"/data/{name}/{name}_t1.nii.gz"})}
 
 
-class TestRunSummaryHandler(unittest.TestCase):
-    def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory()
-        self.tmp = self._tmp.name
-
-    def tearDown(self):
-        self._tmp.cleanup()
-
+class TestRunSummaryHandler(TempDirMixin, unittest.TestCase):
     def _evaluator(self, net: nn.Module, settings=None) -> SupervisedEvaluator:
         data = [_volume("A_1", 5, slice(1, 3)), _volume("A_2", 7, slice(0, 7))]
         handler = RunSummaryHandler(self.tmp, settings=settings, progress=True, output_postfixes=("anomaly",))

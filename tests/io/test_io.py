@@ -17,6 +17,7 @@ from parameterized import parameterized
 
 from berdiff.io import AtomicNibabelWriter, case_name_formatter, check_checkpoint, inference_datalist, load_datalist
 from berdiff.utils import MODALITIES, case_name
+from tests.utils import TempDirMixin
 
 MODS = MODALITIES
 
@@ -28,14 +29,7 @@ def _touch_case(root: str, case: str, mods=MODS, seg: bool = False) -> None:
         nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), path)
 
 
-class TestAtomicWriter(unittest.TestCase):
-    def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory()
-        self.tmp = self._tmp.name
-
-    def tearDown(self):
-        self._tmp.cleanup()
-
+class TestAtomicWriter(TempDirMixin, unittest.TestCase):
     def _save(self, data: torch.Tensor, affine: np.ndarray, postfix: str = "map") -> str:
         img = MetaTensor(data, affine=torch.as_tensor(affine), meta={"filename_or_obj": "/x/BraTS_7_t1.nii.gz"})
         saver = SaveImage(
@@ -99,14 +93,7 @@ class TestCaseNames(unittest.TestCase):
         self.assertEqual(case_name_formatter({"filename_or_obj": "/d/x_t2.nii.gz"}), {"subject": "x", "idx": None})
 
 
-class TestDatalists(unittest.TestCase):
-    def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory()
-        self.tmp = self._tmp.name
-
-    def tearDown(self):
-        self._tmp.cleanup()
-
+class TestDatalists(TempDirMixin, unittest.TestCase):
     def test_brats_folder(self):
         _touch_case(self.tmp, "B_2", seg=True)
         _touch_case(self.tmp, "B_1")
