@@ -44,7 +44,8 @@ class TestSingleChecks(unittest.TestCase):
 
 class TestCheckSettings(unittest.TestCase):
     def test_good_settings(self):
-        out = check_settings({"preset": "tiny", "spatial_size": 64, "noise_level": 200, "num_inference_steps": 50})
+        out = check_settings({"preset": "tiny", "spatial_size": 64, "noise_level": 200, "num_inference_steps": 50,
+                              "prediction_type": "sample"})
         self.assertEqual(out["preset"], "tiny")
         self.assertEqual(out["spatial_size"], [64, 64])
 
@@ -58,6 +59,7 @@ class TestCheckSettings(unittest.TestCase):
             ("lr_rule", {"lr_rule": "cubic"}),
             ("data_placement", {"data_placement": "disk"}),
             ("anomaly_reference", {"anomaly_reference": "healthy"}),
+            ("prediction_type", {"prediction_type": "epsilon"}),
         ]
     )
     def test_bad_settings_name_the_knob(self, knob, settings):
