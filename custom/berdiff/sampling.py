@@ -240,9 +240,10 @@ class MaskedBernoulliSampler:
         Returns:
             a dict with ``reconstruction`` (B, C, ...), ``anomaly_map`` (B, 1, ...): the squared residual summed over
             channels (against the input, or the autoencoder's reconstruction, see ``anomaly_reference``),
-            ``autoencoder_map`` (B, 1, ...; with ``autoencoder_map=True``): the autoencoder-only map ``sum_c (D(z_in) - x)^2`` (what the map would be
-            without the diffusion model), the latent maps ``latent_code_change``, ``latent_mask_fraction``,
-            ``latent_changed_bits``, ``latent_flip_probability`` (B, 1, ...; see :class:`LatentMap`), resized to the
+            ``autoencoder_map`` (B, 1, ...; with ``autoencoder_map=True``): the autoencoder-only map
+            ``sum_c (D(z_in) - x)^2`` (what the map would be without the diffusion model), the latent maps
+            ``latent_code_change``, ``latent_mask_fraction``, ``latent_changed_bits``, ``latent_flip_probability``,
+            ``latent_confident_change`` (B, 1, ...; see :class:`LatentMap`), resized to the
             image, ``latent_flip_map``: the same tensor as ``latent_flip_probability`` (its former name), ``mask``
             (B, latent_channels, ...): the final latent mask, ``input_code`` and ``code``: the input's and the
             output's latent codes.
