@@ -35,27 +35,14 @@ def prepare(bundle: str, studies: str) -> None:
     import torch
     import yaml
 
-    from berdiff.networks import AnomalyPipeline, autoencoder_from_preset, denoiser_from_preset
+    from berdiff.networks import autoencoder_from_preset, denoiser_from_preset
+    from berdiff.training import export_pipeline
 
     torch.manual_seed(0)
     ae = autoencoder_from_preset("tiny", in_channels=4)
-    pipe = AnomalyPipeline(ae, denoiser_from_preset("tiny", latent_channels=ae.latent_channels))
-    os.makedirs(os.path.join(bundle, "models"), exist_ok=True)
-    torch.save(pipe.state_dict(), os.path.join(bundle, "models", "model.pt"))
-    desc = {
-        "format": "berdiff-pipeline-v1",
-        "preset": "tiny",
-        "in_channels": 4,
-        "spatial_size": [32, 32],
-        "latent_channels": ae.latent_channels,
-        "denoiser_overrides": {},
-        "num_train_timesteps": 1000,
-        "schedule": "linear_beta",
-        "prediction_type": "flip",
-        "train_max_timestep": None,
-    }
-    with open(os.path.join(bundle, "models", "model.json"), "w") as f:
-        f.write(json.dumps(desc, indent=4) + "\n")
+    # models/model.pt and its model.json, as the training export writes them
+    export_pipeline(ae, denoiser_from_preset("tiny", latent_channels=ae.latent_channels),
+                    os.path.join(bundle, "models", "model.pt"), preset="tiny", spatial_size=32)
     # test-sized settings (MONAI Label cannot override config values): the network size matches the weights
     cfg_path = os.path.join(bundle, "configs", "inference.yaml")
     with open(cfg_path) as f:

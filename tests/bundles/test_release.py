@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from berdiff.networks import AnomalyPipeline, autoencoder_from_preset, denoiser_from_preset
+from berdiff.networks import autoencoder_from_preset, denoiser_from_preset
+from berdiff.training import export_pipeline
 from berdiff.apps.release import BUNDLES, build_bundle, sha256sum
 from tests.utils import TempDirMixin, make_case
 
@@ -48,24 +49,10 @@ def tiny_weights(folder: str, in_channels: int, size: int) -> str:
     """A tiny random AnomalyPipeline as <folder>/model.pt with its model.json description."""
     torch.manual_seed(0)
     ae = autoencoder_from_preset("tiny", in_channels=in_channels)
-    pipe = AnomalyPipeline(ae, denoiser_from_preset("tiny", latent_channels=ae.latent_channels))
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "model.pt")
-    torch.save(pipe.state_dict(), path)
-    desc = {
-        "format": "berdiff-pipeline-v1",
-        "preset": "tiny",
-        "in_channels": in_channels,
-        "spatial_size": [size, size],
-        "latent_channels": ae.latent_channels,
-        "denoiser_overrides": {},
-        "num_train_timesteps": 1000,
-        "schedule": "linear_beta",
-        "prediction_type": "flip",
-        "train_max_timestep": None,
-    }
-    with open(os.path.join(folder, "model.json"), "w") as f:
-        f.write(json.dumps(desc, indent=4) + "\n")
+    # the weights and their model.json, as the training export writes them
+    export_pipeline(ae, denoiser_from_preset("tiny", latent_channels=ae.latent_channels), path, preset="tiny",
+                    spatial_size=size)
     return path
 
 
