@@ -47,7 +47,7 @@ class TestModelDescription(TempDirMixin, unittest.TestCase):
         self.assertEqual(
             json.loads(text),
             {"format": MODEL_DESCRIPTION_FORMAT, "preset": "tiny", "in_channels": 4, "spatial_size": [32, 32],
-             "latent_channels": 4, "denoiser_overrides": {}, "num_train_timesteps": 1000, "schedule": "linear_beta",
+             "pixdim": None, "latent_channels": 4, "denoiser_overrides": {}, "num_train_timesteps": 1000, "schedule": "linear_beta",
              "prediction_type": "flip", "train_max_timestep": 50, "trained_iterations": 12},
         )
         self.assertEqual(read_model_description(self.model), json.loads(text))
@@ -121,6 +121,31 @@ class TestModelDescription(TempDirMixin, unittest.TestCase):
             inference_settings(self.model, "reference", 4, 256, noise_level=51)
         with self.assertRaisesRegex(ValueError, "takes 4 image channel"):
             inference_settings(self.model, "reference", 1, 256)
+
+    def test_grid_auto_from_preset_and_from_description(self):
+        # without model.json: "auto" takes the preset's grid (small: 128 px at 2 mm), explicit values stay
+        small = inference_settings(self.model, "small", 4, "auto", pixdim="auto")
+        self.assertEqual((small["spatial_size"], small["pixdim"]), ([128, 128], 2.0))
+        reference = inference_settings(self.model, "reference", 4, "auto", pixdim="auto")
+        self.assertEqual((reference["spatial_size"], reference["pixdim"]), ([256, 256], None))
+        explicit = inference_settings(self.model, "small", 4, 96, pixdim=None)
+        self.assertEqual((explicit["spatial_size"], explicit["pixdim"]), ([96, 96], None))
+        # with model.json: the grid the model was trained on wins over the config's
+        write_model_description(self.model, tiny_description(spatial_size=[64, 64], pixdim=3.0))
+        settings = inference_settings(self.model, "small", 4, "auto", pixdim="auto")
+        self.assertEqual((settings["spatial_size"], settings["pixdim"]), ([64, 64], 3.0))
+        # a description written before pixdim existed means "the input's voxel size"
+        with open(description_path(self.model), encoding="utf-8") as f:
+            old = json.load(f)
+        del old["pixdim"]
+        with open(description_path(self.model), "w", encoding="utf-8") as f:
+            json.dump(old, f)
+        self.assertIsNone(inference_settings(self.model, "small", 4, "auto", pixdim="auto")["pixdim"])
+        old["pixdim"] = -1
+        with open(description_path(self.model), "w", encoding="utf-8") as f:
+            json.dump(old, f)
+        with self.assertRaisesRegex(ValueError, "pixdim must be null or a positive number"):
+            read_model_description(self.model)
 
     def test_export_writes_description_and_weights_fit(self):
         torch.manual_seed(0)

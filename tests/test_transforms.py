@@ -62,6 +62,24 @@ class TestVolumePreprocessing(TempDirMixin, unittest.TestCase):
         self.assertEqual(tuple(inv["pred"].shape[1:]), (20, 10, 12))
         self.assertTrue(np.allclose(inv["pred"].affine.numpy(), AFFINE))
 
+    def test_in_plane_resampling_keeps_axial_spacing_and_inverts(self):
+        files, seg = write_case(self.tmp)
+        pre = volume_preprocessing("image", label_key="label", spatial_size=(16, 16), pixdim=3.0)
+        out = pre({"image": files, "label": seg})
+        img = out["image"]
+        # RAS voxel sizes of the input: 1.5 x 2.0 (in-plane) x 1.0 (axial); in-plane resampled to 3 mm, axial kept
+        spacing = np.sqrt((img.affine.numpy()[:3, :3] ** 2).sum(0))
+        self.assertTrue(np.allclose(spacing, [3.0, 3.0, 1.0]), spacing)
+        self.assertEqual(tuple(img.shape), (4, 16, 16, 10))
+        # the head covers the same physical area: 14 x 8 voxels of 1.5 x 2 mm -> about 7 x 5.3 voxels of 3 mm
+        head_area = (img[0].amax(-1) > 0).sum().item() * 9.0
+        self.assertAlmostEqual(head_area / (14 * 1.5 * 8 * 2.0), 1.0, delta=0.35)
+        self.assertEqual(set(torch.unique(out["label"]).tolist()) - {0.0, 2.0}, set())  # nearest neighbour labels
+        out["pred"] = img[:1].clone()
+        inv = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False)(out)
+        self.assertEqual(tuple(inv["pred"].shape[1:]), (20, 10, 12))
+        self.assertTrue(np.allclose(inv["pred"].affine.numpy(), AFFINE))
+
     def test_single_four_channel_file(self):
         arr = np.random.default_rng(0).uniform(1, 2, (8, 8, 4, 4)).astype(np.float32)
         path = os.path.join(self.tmp, "four.nii.gz")

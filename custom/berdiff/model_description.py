@@ -11,6 +11,7 @@ kept in sync by hand. Layout (format ``berdiff-pipeline-v1``)::
         "preset": "small",
         "in_channels": 4,
         "spatial_size": [96, 96],
+        "pixdim": null,
         "latent_channels": 32,
         "denoiser_overrides": {},
         "num_train_timesteps": 1000,
@@ -20,7 +21,9 @@ kept in sync by hand. Layout (format ``berdiff-pipeline-v1``)::
         "trained_iterations": 1234
     }
 
-``train_max_timestep`` is null when all T timesteps were trained; ``trained_iterations`` is optional.
+``train_max_timestep`` is null when all T timesteps were trained; ``trained_iterations`` is optional. ``pixdim`` is
+the in-plane voxel size (mm) the training volumes were resampled to, null (or absent, in descriptions written before
+it existed) when they kept their own.
 """
 
 from __future__ import annotations
@@ -113,6 +116,10 @@ def _validate(description: Any, source: str) -> dict[str, Any]:
     if top is not None and (not _is_int(top) or not 1 <= top <= d["num_train_timesteps"]):
         raise fail(f"train_max_timestep must be null or an integer in [1, num_train_timesteps = "
                    f"{d['num_train_timesteps']}], got {top!r}.")
+    pixdim = d.get("pixdim")
+    if pixdim is not None and (not isinstance(pixdim, (int, float)) or isinstance(pixdim, bool) or not pixdim > 0):
+        raise fail(f"pixdim must be null or a positive number (mm), got {pixdim!r}.")
+    d["pixdim"] = None if pixdim is None else float(pixdim)
     iterations = d.get("trained_iterations")
     if iterations is not None and (not _is_int(iterations) or iterations < 0):
         raise fail(f"trained_iterations must be null or a non-negative integer, got {iterations!r}.")
@@ -130,6 +137,7 @@ def make_model_description(
     prediction_type: str = BernoulliPredictionType.FLIP,
     denoiser_overrides: Mapping[str, Any] | None = None,
     trained_iterations: int | None = None,
+    pixdim: float | None = None,
 ) -> dict[str, Any]:
     """
     A validated description dict (the JSON layout of the module docstring).
@@ -145,6 +153,7 @@ def make_model_description(
         prediction_type: the scheduler's prediction type.
         denoiser_overrides: extra keyword arguments given to ``denoiser_from_preset``.
         trained_iterations: number of stage-2 training iterations (informational).
+        pixdim: in-plane voxel size (mm) the training volumes were resampled to (None: their own).
     """
     size = [int(spatial_size)] * 2 if isinstance(spatial_size, int) else [int(s) for s in spatial_size]
     description = {
@@ -152,6 +161,7 @@ def make_model_description(
         "preset": str(preset),
         "in_channels": int(in_channels),
         "spatial_size": size,
+        "pixdim": None if pixdim is None else float(pixdim),
         "latent_channels": int(latent_channels),
         "denoiser_overrides": dict(denoiser_overrides or {}),
         "num_train_timesteps": int(num_train_timesteps),
@@ -228,10 +238,11 @@ def inference_settings(
     model_path: os.PathLike | str,
     preset: str,
     in_channels: int,
-    spatial_size: int | Sequence[int],
+    spatial_size: int | Sequence[int] | str,
     num_train_timesteps: int = 1000,
     noise_level: int | None = None,
     num_inference_steps: int | None = None,
+    pixdim: float | str | None = "auto",
 ) -> dict[str, Any]:
     """
     The model settings inference uses: those of the model description beside ``model_path`` when it exists, else
@@ -243,13 +254,15 @@ def inference_settings(
         preset: the config's preset (fallback).
         in_channels: the number of image channels the config's preprocessing produces (``len(modalities)``); must
             equal the description's.
-        spatial_size: the config's in-plane size (fallback; an int means a square).
+        spatial_size: the config's in-plane size (fallback; an int means a square; ``"auto"``: the preset's, see
+            :data:`berdiff.networks.PRESET_GRIDS`).
         num_train_timesteps: the config's T (fallback).
         noise_level: L; when given and the description has a trained range, checked with :func:`check_noise_level`.
         num_inference_steps: K; capped at L (None: L).
+        pixdim: the config's in-plane voxel size in mm (fallback; None: the input's; ``"auto"``: the preset's).
 
     Returns:
-        a dict with ``preset``, ``in_channels``, ``spatial_size`` (list), ``num_train_timesteps``, ``schedule``,
+        a dict with ``preset``, ``in_channels``, ``spatial_size`` (list), ``pixdim``, ``num_train_timesteps``, ``schedule``,
         ``prediction_type``, ``latent_channels`` (None without a description: the preset's),
         ``denoiser_overrides``, ``train_max_timestep``, ``num_inference_steps`` (K after capping, None when L is not
         given and K is None) and ``description`` (the path of the description used, or None).
@@ -257,13 +270,19 @@ def inference_settings(
     Raises:
         ValueError: invalid description, channel mismatch, or L outside the trained range.
     """
+    from berdiff.networks.presets import preset_grid
+
     description = read_model_description(model_path)
-    size = [int(spatial_size)] * 2 if isinstance(spatial_size, int) else [int(s) for s in spatial_size]
+    grid = preset_grid(
+        str(description["preset"] if description else preset), "auto" if spatial_size is None else spatial_size, pixdim
+    )
+    size = [int(s) for s in grid["spatial_size"]]
     if description is None:
         settings: dict[str, Any] = {
             "preset": str(preset),
             "in_channels": int(in_channels),
             "spatial_size": size,
+            "pixdim": grid["pixdim"],
             "num_train_timesteps": int(num_train_timesteps),
             "schedule": "linear_beta",
             "prediction_type": str(BernoulliPredictionType.FLIP),
@@ -280,8 +299,10 @@ def inference_settings(
                 "modalities."
             )
         settings = {k: description[k] for k in _REQUIRED_KEYS if k != "format"}
+        settings["pixdim"] = description.get("pixdim")
         settings["description"] = description_path(model_path)
-        for key, mine, theirs in (("preset", preset, settings["preset"]), ("spatial_size", size, settings["spatial_size"])):
+        for key, mine, theirs in (("preset", preset, settings["preset"]), ("spatial_size", size, settings["spatial_size"]),
+                                  ("pixdim", grid["pixdim"], settings["pixdim"])):
             if mine != theirs:
                 logger.info(f"{key}: {theirs!r} from {settings['description']} (the config's {mine!r} is not used).")
     steps = num_inference_steps

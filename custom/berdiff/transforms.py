@@ -21,6 +21,7 @@ from monai.transforms import (
     MapTransform,
     Orientationd,
     ResizeWithPadOrCropd,
+    Spacingd,
 )
 
 from berdiff.io.itk import is_itk_image, read_itk_header
@@ -268,13 +269,15 @@ def volume_preprocessing(
     spatial_size: Sequence[int] = (256, 256),
     upper_percentile: float = 99.5,
     axcodes: str = "RAS",
+    pixdim: float | None = None,
 ) -> Compose:
     """
     The one preprocessing of 3D brain MRI used by training and inference: check files, load the modalities (a list
     of files, or one multi-channel file) as channels, check channels and finite values, orient to ``axcodes``, scale
-    each modality to [0, 1] inside the head (:class:`HeadPercentileScaled`) and pad or crop in-plane (the first two
-    spatial axes, i.e. the axial plane in RAS) to ``spatial_size``. Every spatial step is invertible, so ``Invertd``
-    maps predictions back onto the input's grid.
+    each modality to [0, 1] inside the head (:class:`HeadPercentileScaled`), optionally resample in-plane to
+    ``pixdim`` mm (``Spacingd``; the axial spacing is kept) and pad or crop in-plane (the first two spatial axes,
+    i.e. the axial plane in RAS) to ``spatial_size``. Every spatial step is invertible, so ``Invertd`` maps
+    predictions back onto the input's grid.
 
     Args:
         keys: image key(s).
@@ -283,6 +286,8 @@ def volume_preprocessing(
         spatial_size: in-plane size after padding/cropping.
         upper_percentile: see :class:`HeadPercentileScaled`.
         axcodes: orientation codes.
+        pixdim: in-plane voxel size (mm) to resample to, bilinear for images and nearest neighbour for the label;
+            None keeps the input's voxel size.
     """
     image_keys = [keys] if isinstance(keys, str) else list(keys)
     all_keys = image_keys + ([label_key] if label_key else [])
@@ -296,6 +301,11 @@ def volume_preprocessing(
             ValidateImaged(image_keys, num_channels=num_channels),
             Orientationd(all_keys, axcodes=axcodes, labels=None),
             HeadPercentileScaled(image_keys, upper=upper_percentile),
+            *(
+                [Spacingd(all_keys, pixdim=(float(pixdim), float(pixdim), -1.0),
+                          mode=["bilinear"] * len(image_keys) + (["nearest"] if label_key else []))]
+                if pixdim is not None else []
+            ),
             ResizeWithPadOrCropd(all_keys, spatial_size=size),
             EnsureTyped(image_keys, dtype=torch.float32),
         ]

@@ -27,7 +27,8 @@ DIFF_CONFIG = [AE_CONFIG, os.path.join(IXI_CONFIGS, "train_diffusion.yaml")]
 #: the only settings in which the IXI training configs may differ from the brain bundle's (data and sizes)
 DATA_KEYS = {
     "train_autoencoder.yaml": (
-        "imports", "dataset_dir", "datalist_file", "train_dir", "val_dir", "preset", "spatial_size", "num_channels",
+        "imports", "dataset_dir", "datalist_file", "train_dir", "val_dir", "preset", "spatial_size", "grid",
+        "spatial_size_2d", "pixdim", "num_channels",
         "batch_size", "num_workers", "max_epochs", "train#load", "train#datalist", "validate#datalist",
     ),
     "train_diffusion.yaml": ("batch_size",),  # stage 2 keeps stage 1's batch size in the IXI bundle

@@ -83,6 +83,21 @@ class TestPrepareBrats(unittest.TestCase):
         with open(os.path.join(self.out, DATALIST_NAME)) as f:
             self.assertEqual(json.load(f)["subjects"], dl["subjects"])
 
+    def test_resampled_grid_is_recorded(self):
+        prepare_brats(self.src, self.out, val_fraction=0.25, seed=0, spatial_size=32, pixdim=2.0, preset="small")
+        with open(os.path.join(self.out, DATALIST_NAME)) as f:
+            dl = json.load(f)
+        self.assertEqual((dl["spatial_size"], dl["pixdim"]), ([32, 32], 2.0))
+        entry = dl["training_diseased"][0] if dl["training_diseased"] else dl["validation_diseased"][0]
+        self.assertEqual(int(np.load(os.path.join(self.out, entry["label"])).sum()), 4)  # 4x4 mm at 2 mm: 2x2 voxels
+        # "auto" takes the preset's grid: the small preset's is 128 px at 2 mm
+        prepare_brats(self.src, self.out, val_fraction=0.25, seed=0, preset="small")
+        with open(os.path.join(self.out, DATALIST_NAME)) as f:
+            dl = json.load(f)
+        self.assertEqual((dl["spatial_size"], dl["pixdim"]), ([128, 128], 2.0))
+        with self.assertRaisesRegex(ValueError, "pixdim"):
+            prepare_brats(self.src, self.out, spatial_size=32, pixdim=0)
+
     def test_explicit_validation_subjects(self):
         prepare_brats(self.src, self.out, val_subjects=[self.names[0], self.names[2]], spatial_size=32)
         with open(os.path.join(self.out, DATALIST_NAME)) as f:

@@ -49,12 +49,21 @@ class TestCheckSettings(unittest.TestCase):
         self.assertEqual(out["preset"], "tiny")
         self.assertEqual(out["spatial_size"], [64, 64])
 
+    def test_auto_grid_is_the_presets(self):
+        out = check_settings({"preset": "small", "spatial_size": "auto", "pixdim": "auto"})
+        self.assertEqual((out["spatial_size"], out["pixdim"]), ([128, 128], 2.0))
+        out = check_settings({"preset": "reference", "spatial_size": "auto", "pixdim": None})
+        self.assertEqual((out["spatial_size"], out["pixdim"]), ([256, 256], None))
+
     @parameterized.expand(
         [
             ("noise_level", {"noise_level": 0}),
             ("noise_level", {"noise_level": 1001}),
             ("num_inference_steps", {"noise_level": 10, "num_inference_steps": 0}),
             ("spatial_size", {"preset": "tiny", "spatial_size": 63}),
+            ("spatial_size", {"spatial_size": "auto"}),
+            ("pixdim", {"pixdim": 0}),
+            ("pixdim", {"pixdim": "2mm"}),
             ("precision", {"precision": "fp8"}),
             ("lr_rule", {"lr_rule": "cubic"}),
             ("data_placement", {"data_placement": "disk"}),

@@ -184,7 +184,8 @@ def calibrate(
     for i, item in enumerate(items):
         has_label = "label" in item
         transform = volume_preprocessing(
-            "image", label_key="label" if has_label else None, num_channels=num_channels, spatial_size=spatial_size
+            "image", label_key="label" if has_label else None, num_channels=num_channels, spatial_size=spatial_size,
+            pixdim=model.get("pixdim"),
         )
         try:
             data = transform({k: item[k] for k in ("image", "label") if k in item})

@@ -225,6 +225,7 @@ def demo(
         spatial_size=spatial_size,
         slice_start=slice_start,
         slice_stop=slice_stop,
+        pixdim=None,  # the synthetic volumes' own 2.5 mm (96 px slices), for every preset
     )
     timings["prepare_brats"] = steps.done()
 

@@ -108,17 +108,19 @@ def prepare_brats(
     out: str,
     val_fraction: float = 0.1,
     seed: int = 0,
-    spatial_size: int | Sequence[int] = 256,
+    spatial_size: int | Sequence[int] | str = "auto",
     slice_start: int | None = None,
     slice_stop: int | None = None,
     upper_percentile: float = 99.5,
     datalist_key: str = "training",
     val_subjects: Sequence[str] | None = None,
+    pixdim: float | str | None = "auto",
+    preset: str = "reference",
 ) -> None:
     """
     Prepare BraTS-style volumes for training: discover the cases, split them by subject (seeded), preprocess each
     volume with :func:`berdiff.transforms.volume_preprocessing` (the same as inference: RAS, per-volume head
-    percentile scaling to [0, 1], in-plane pad/crop), write every axial slice of the slice range as a float16
+    percentile scaling to [0, 1], optional in-plane resampling, in-plane pad/crop), write every axial slice of the slice range as a float16
     ``.npy`` file (so training epochs never re-read NIfTI volumes), and write ``<out>/datalist.json`` (see the module
     docstring). A slice is healthy when its segmentation has no tumour voxel (label > 0). Prints the counts.
 
@@ -129,20 +131,28 @@ def prepare_brats(
         out: output folder (created; an earlier ``slices/`` and ``datalist.json`` there are replaced).
         val_fraction: fraction of subjects held out for validation.
         seed: seed of the subject split.
-        spatial_size: in-plane size after padding/cropping (an int for a square, or two ints).
+        spatial_size: in-plane size after padding/cropping (an int for a square, or two ints); ``"auto"``: the
+            ``preset``'s (:data:`berdiff.networks.PRESET_GRIDS`: 256 for reference, 128 for small).
         slice_start: first axial slice kept (default: the reference rule, see :func:`axial_slice_range`).
         slice_stop: one past the last axial slice kept (default: the reference rule).
         upper_percentile: head percentile mapped to 1 by the intensity scaling.
         datalist_key: list to read when ``src`` is a datalist JSON.
         val_subjects: explicit validation subjects (e.g. an official split); replaces the seeded
             ``val_fraction`` split when given.
+        pixdim: in-plane voxel size (mm) the volumes are resampled to, None to keep theirs; ``"auto"``: the
+            ``preset``'s (None for reference, 2.0 for small). Recorded in ``datalist.json`` with ``spatial_size``,
+            and training records both in ``models/model.json``, so that inference uses the same grid.
+        preset: the network preset that will be trained on the slices (only for the ``"auto"`` values).
 
     Raises:
         ValueError: with a message naming the offending folder or file.
     """
-    from berdiff.validation import check_spatial_size
+    from berdiff.networks.presets import preset_grid
+    from berdiff.validation import check_pixdim, check_spatial_size
 
-    size = check_spatial_size(spatial_size)
+    grid = preset_grid(preset, spatial_size, pixdim)
+    size = check_spatial_size(grid["spatial_size"])
+    pixdim = check_pixdim(grid["pixdim"])
     cases = find_brats_cases(src, require_label=True, datalist_key=datalist_key)
     all_ids = [c["subject"] for c in cases]
     if val_subjects is not None:
@@ -163,7 +173,7 @@ def prepare_brats(
 
     preprocessing = volume_preprocessing(
         keys="image", label_key="label", num_channels=len(MODALITIES), spatial_size=size,
-        upper_percentile=upper_percentile,
+        upper_percentile=upper_percentile, pixdim=pixdim,
     )
     out = os.path.abspath(os.fspath(out))
     os.makedirs(out, exist_ok=True)
@@ -216,6 +226,7 @@ def prepare_brats(
             "source": os.path.abspath(os.fspath(src)),
             "modalities": list(MODALITIES),
             "spatial_size": size,
+            "pixdim": pixdim,
             "slice_start": slice_start,
             "slice_stop": slice_stop,
             "slice_ranges": slice_ranges,

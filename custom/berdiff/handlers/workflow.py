@@ -117,7 +117,7 @@ def preflight(
                 model = inference_settings(
                     ckpt_path, preset, in_channels, settings.get("spatial_size"),
                     settings.get("num_train_timesteps", 1000), settings["noise_level"],
-                    settings.get("num_inference_steps"),
+                    settings.get("num_inference_steps"), pixdim=settings.get("pixdim", "auto"),
                 )
                 preset, in_channels = model["preset"], model["in_channels"]
             check_checkpoint(ckpt_path, allow_random_weights, preset, in_channels)

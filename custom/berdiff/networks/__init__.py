@@ -9,9 +9,11 @@ from berdiff.networks.binary_autoencoder import BinarizationMode, BinaryAutoenco
 from berdiff.networks.presets import (
     AUTOENCODER_PRESETS,
     DENOISER_PRESETS,
+    PRESET_GRIDS,
     Preset,
     autoencoder_from_preset,
     denoiser_from_preset,
+    preset_grid,
 )
 
 __all__ = [
@@ -25,5 +27,7 @@ __all__ = [
     "DENOISER_PRESETS",
     "autoencoder_from_preset",
     "denoiser_from_preset",
+    "PRESET_GRIDS",
+    "preset_grid",
     "bundle_output_layout",
 ]

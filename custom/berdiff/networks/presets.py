@@ -17,6 +17,9 @@ __all__ = [
     "DENOISER_PRESETS",
     "autoencoder_from_preset",
     "denoiser_from_preset",
+    "PRESET_GRIDS",
+    "AUTO",
+    "preset_grid",
 ]
 
 
@@ -124,3 +127,36 @@ def denoiser_from_preset(preset: str = "reference", latent_channels: int | None 
     return DiffusionModelUNet(
         spatial_dims=spatial_dims, in_channels=latent_channels, out_channels=latent_channels, **kwargs
     )
+
+
+#: the working grid of each preset for 3D volumes: in-plane size of the slices and in-plane voxel size (mm) the
+#: volumes are resampled to (None: the input's own voxel size). "small" is the CPU preset: 2 mm slices of 128 x 128
+#: (a BraTS volume of 240 x 240 at 1 mm becomes 120 x 120), a quarter of the pixels of the reference grid.
+PRESET_GRIDS: dict[str, dict[str, Any]] = {
+    Preset.REFERENCE: {"spatial_size": [256, 256], "pixdim": None},
+    Preset.SMALL: {"spatial_size": [128, 128], "pixdim": 2.0},
+    Preset.TINY: {"spatial_size": [256, 256], "pixdim": None},
+}
+
+#: the config value that selects the preset's entry of :data:`PRESET_GRIDS`
+AUTO = "auto"
+
+
+def preset_grid(preset: str, spatial_size: Any = AUTO, pixdim: Any = AUTO) -> dict[str, Any]:
+    """
+    The working grid ``{"spatial_size": [H, W], "pixdim": float | None}``: each of ``spatial_size`` and ``pixdim``
+    as given, or the preset's value (:data:`PRESET_GRIDS`) where it is ``"auto"``. Values other than ``"auto"`` are
+    returned as they are (an int size as ``[S, S]``); :func:`berdiff.validation.check_settings` checks them.
+
+    Args:
+        preset: a :class:`Preset` name.
+        spatial_size: in-plane size (int or [H, W]) or ``"auto"``.
+        pixdim: in-plane voxel size in mm, None (keep the input's) or ``"auto"``.
+    """
+    grid = _preset(PRESET_GRIDS, preset, "grid")
+    if not (isinstance(spatial_size, str) and spatial_size == AUTO):
+        grid["spatial_size"] = [int(spatial_size)] * 2 if isinstance(spatial_size, int) else list(spatial_size)
+    if not (isinstance(pixdim, str) and pixdim == AUTO):
+        grid["pixdim"] = pixdim
+    grid["spatial_size"] = list(grid["spatial_size"])
+    return grid

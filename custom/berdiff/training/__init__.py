@@ -15,7 +15,7 @@ from berdiff.training.autoencoder import (
 )
 from berdiff.training.checkpoints import load_weights, latest_checkpoint, export_pipeline, ExportPipeline
 from berdiff.training.codes import encode_dataset, code_loader, diffusion_loader
-from berdiff.training.datalist import training_datalist
+from berdiff.training.datalist import prepared_grid, training_datalist
 from berdiff.training.distributed import init_distributed
 from berdiff.training.ema import WarmupEMAHandler, LossMonitor
 from berdiff.training.trainers import (
@@ -46,6 +46,7 @@ __all__ = [
     "code_loader",
     "diffusion_loader",
     "training_datalist",
+    "prepared_grid",
     "load_weights",
     "latest_checkpoint",
     "export_pipeline",

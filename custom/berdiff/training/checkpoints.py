@@ -77,6 +77,7 @@ def export_pipeline(
     prediction_type: str = "flip",
     denoiser_overrides: Mapping[str, Any] | None = None,
     trained_iterations: int | None = None,
+    pixdim: float | None = None,
 ) -> None:
     """
     Writes the flat :class:`AnomalyPipeline` state dict (keys ``autoencoder.*``, ``unet.*``; tensors only) and, when
@@ -96,6 +97,7 @@ def export_pipeline(
         prediction_type: the scheduler's prediction type.
         denoiser_overrides: extra ``denoiser_from_preset`` arguments used in training.
         trained_iterations: stage-2 iterations (informational).
+        pixdim: in-plane voxel size (mm) the training volumes were resampled to (None: their own).
     """
     description = None
     if preset is not None:
@@ -112,6 +114,7 @@ def export_pipeline(
             prediction_type=prediction_type,
             denoiser_overrides=denoiser_overrides,
             trained_iterations=trained_iterations,
+            pixdim=pixdim,
         )
     pipeline = AnomalyPipeline(autoencoder, unet)
     state = {k: v.detach().cpu() for k, v in pipeline.state_dict().items()}
@@ -140,6 +143,7 @@ class ExportPipeline:
         schedule: the scheduler's noise schedule.
         prediction_type: the scheduler's prediction type.
         denoiser_overrides: extra ``denoiser_from_preset`` arguments used in training.
+        pixdim: in-plane voxel size (mm) the training volumes were resampled to (None: their own).
     """
 
     def __init__(
@@ -156,6 +160,7 @@ class ExportPipeline:
         schedule: str = "linear_beta",
         prediction_type: str = "flip",
         denoiser_overrides: Mapping[str, Any] | None = None,
+        pixdim: float | None = None,
     ) -> None:
         self.autoencoder = autoencoder
         self.unet = unet
@@ -170,6 +175,7 @@ class ExportPipeline:
             "schedule": schedule,
             "prediction_type": prediction_type,
             "denoiser_overrides": denoiser_overrides,
+            "pixdim": pixdim,
         }
 
     def attach(self, engine: Engine) -> None:

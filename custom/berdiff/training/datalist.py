@@ -1,14 +1,18 @@
 # SPDX-License-Identifier: Apache-2.0
 # Copyright (c) berdiff contributors
-"""The training and validation items read when a training configuration is instantiated (:func:`training_datalist`)."""
+"""
+The training and validation items read when a training configuration is instantiated (:func:`training_datalist`)
+and the grid the slices were prepared on (:func:`prepared_grid`).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["training_datalist"]
+__all__ = ["training_datalist", "prepared_grid"]
 
 
 def training_datalist(
@@ -58,3 +62,42 @@ def training_datalist(
     if key not in content:
         return []
     return load_decathlon_datalist(source, False, key)
+
+
+def prepared_grid(
+    source: str | os.PathLike, preset: str, spatial_size: int | Sequence[int] | str = "auto"
+) -> dict[str, Any]:
+    """
+    The grid of the training slices, ``{"spatial_size": [H, W], "pixdim": float | None}``: what ``prepare_brats``
+    recorded in ``datalist.json`` (the in-plane size and voxel size it resampled the volumes to), so that training
+    pads/crops to the size the slices have and ``models/model.json`` tells inference to resample as in preparation.
+
+    Args:
+        source: the datalist JSON (or a folder of 2D images, which has no recorded grid).
+        preset: the network preset (its size is used for ``"auto"`` when nothing is recorded).
+        spatial_size: the training config's ``spatial_size``: ``"auto"`` (the recorded size) or an explicit one,
+            which must equal the recorded size.
+
+    Raises:
+        ValueError: an explicit ``spatial_size`` other than the one the slices were prepared at.
+    """
+    from berdiff.networks.presets import preset_grid
+
+    recorded: dict[str, Any] = {}
+    source = os.fspath(source)
+    if os.path.isfile(source):
+        try:
+            with open(source) as f:
+                content = json.load(f)
+            recorded = content if isinstance(content, dict) else {}
+        except (OSError, ValueError):
+            recorded = {}  # reported by training_datalist / the preflight
+    size = recorded.get("spatial_size")
+    grid = preset_grid(preset, spatial_size if size is None or spatial_size != "auto" else size, None)
+    if size is not None and spatial_size != "auto" and [int(s) for s in size] != grid["spatial_size"]:
+        raise ValueError(
+            f"spatial_size = {spatial_size!r}, but the slices in {source} were prepared at {list(size)}: leave "
+            "spatial_size at auto, or prepare the data again with that --spatial_size."
+        )
+    grid["pixdim"] = recorded.get("pixdim")
+    return grid

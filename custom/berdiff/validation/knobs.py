@@ -26,6 +26,7 @@ __all__ = [
     "check_preset",
     "spatial_multiple",
     "check_spatial_size",
+    "check_pixdim",
     "check_device",
     "check_noise_level",
     "check_num_inference_steps",
@@ -181,6 +182,18 @@ def check_spatial_size(value: Any, preset: str | None = None, knob: str = "spati
     return [int(s) for s in size]
 
 
+def check_pixdim(value: Any, knob: str = "pixdim") -> float | None:
+    """
+    Checks an in-plane voxel size in mm to resample to: a number in ``(0, 20]``, or None (keep the input's).
+
+    Returns:
+        the voxel size as a float, or None.
+    """
+    if value is None:
+        return None
+    return float(check_float(knob, value, 0.0, 20.0, low_open=True))
+
+
 def check_device(value: Any, knob: str = "device") -> torch.device:
     """
     Checks a torch device: a valid name, and for CUDA an available device index.
@@ -333,13 +346,14 @@ SETTING_CHECKS: dict[str, Callable[[str, Any], Any]] = {
 
 
 #: knobs checked against others by :func:`check_settings`
-_RELATED = ("preset", "spatial_size", "noise_level", "num_inference_steps", "train_max_timestep")
+_RELATED = ("preset", "spatial_size", "pixdim", "noise_level", "num_inference_steps", "train_max_timestep")
 
 
 def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """
     Checks named settings (the knobs of a bundle config), in this order: the independent ones
-    (:data:`SETTING_CHECKS`), ``preset``, ``spatial_size`` (a multiple of the preset's factor), ``noise_level`` in
+    (:data:`SETTING_CHECKS`), ``preset``, ``spatial_size`` (a multiple of the preset's factor) and ``pixdim``
+    (``"auto"`` for either: the preset's, :data:`berdiff.networks.PRESET_GRIDS`), ``noise_level`` in
     ``[1, num_train_timesteps]`` (T = 1000 when not given), ``num_inference_steps`` >= 1 (capped at ``noise_level``),
     ``train_max_timestep`` null or in ``[1, T]``. The first bad one raises a :class:`KnobError`.
 
@@ -347,7 +361,8 @@ def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
         settings: knob name -> value; every name must be known.
 
     Returns:
-        the settings, with ``preset`` as a plain string and ``spatial_size`` as a list.
+        the settings, with ``preset`` as a plain string, ``spatial_size`` as a list and ``pixdim`` as a float or
+        None (``"auto"`` resolved when ``preset`` is given).
 
     Raises:
         KnobError: a value outside its allowed range.
@@ -364,8 +379,17 @@ def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     preset = None
     if "preset" in settings:
         preset = out["preset"] = check_preset(settings["preset"])
+    for name in ("spatial_size", "pixdim"):
+        if name in settings and settings[name] == "auto":
+            if preset is None:
+                raise KnobError(name, "auto", "an explicit value ('auto' needs the preset)")
+            from berdiff.networks.presets import PRESET_GRIDS
+
+            out[name] = PRESET_GRIDS[preset][name]
     if "spatial_size" in settings:
-        out["spatial_size"] = check_spatial_size(settings["spatial_size"], preset)
+        out["spatial_size"] = check_spatial_size(out["spatial_size"], preset)
+    if "pixdim" in settings:
+        out["pixdim"] = check_pixdim(out["pixdim"])
     num_train_timesteps = int(settings.get("num_train_timesteps", 1000))
     if "noise_level" in settings:
         check_noise_level(settings["noise_level"], num_train_timesteps)
