@@ -130,6 +130,7 @@ class TestModelDescription(TempDirMixin, unittest.TestCase):
         self.assertEqual((reference["spatial_size"], reference["pixdim"]), ([256, 256], None))
         explicit = inference_settings(self.model, "small", 4, 96, pixdim=None)
         self.assertEqual((explicit["spatial_size"], explicit["pixdim"]), ([96, 96], None))
+        self.assertIsNone(inference_settings(self.model, "small", 4, 96, pixdim="input")["pixdim"])
         # with model.json: the grid the model was trained on wins over the config's
         write_model_description(self.model, tiny_description(spatial_size=[64, 64], pixdim=3.0))
         settings = inference_settings(self.model, "small", 4, "auto", pixdim="auto")

@@ -54,6 +54,8 @@ class TestCheckSettings(unittest.TestCase):
         self.assertEqual((out["spatial_size"], out["pixdim"]), ([128, 128], 2.0))
         out = check_settings({"preset": "reference", "spatial_size": "auto", "pixdim": None})
         self.assertEqual((out["spatial_size"], out["pixdim"]), ([256, 256], None))
+        out = check_settings({"preset": "small", "spatial_size": "auto", "pixdim": "input"})
+        self.assertEqual((out["spatial_size"], out["pixdim"]), ([128, 128], None))
 
     @parameterized.expand(
         [

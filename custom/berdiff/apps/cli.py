@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "prepare_brats": "berdiff.data.brats:prepare_brats",
     "calibrate": "berdiff.apps.calibration:calibrate",
     "evaluate": "berdiff.evaluation:evaluate",
+    "autoencoder_check": "berdiff.evaluation.autoencoder_check:autoencoder_check",
     "make_demo_data": "berdiff.data.synthetic:make_demo_data",
     "demo": "berdiff.apps.demo:demo",
     "make_lesions": "berdiff.data.lesions:make_lesions",

@@ -19,6 +19,7 @@ __all__ = [
     "denoiser_from_preset",
     "PRESET_GRIDS",
     "AUTO",
+    "INPUT_PIXDIM",
     "preset_grid",
 ]
 
@@ -141,6 +142,10 @@ PRESET_GRIDS: dict[str, dict[str, Any]] = {
 #: the config value that selects the preset's entry of :data:`PRESET_GRIDS`
 AUTO = "auto"
 
+#: the ``pixdim`` value that keeps the input's voxel size, like None (a command-line ``--pixdim None`` is dropped by
+#: ``monai.bundle``, which ignores None overrides; ``--pixdim input`` is not)
+INPUT_PIXDIM = "input"
+
 
 def preset_grid(preset: str, spatial_size: Any = AUTO, pixdim: Any = AUTO) -> dict[str, Any]:
     """
@@ -151,12 +156,12 @@ def preset_grid(preset: str, spatial_size: Any = AUTO, pixdim: Any = AUTO) -> di
     Args:
         preset: a :class:`Preset` name.
         spatial_size: in-plane size (int or [H, W]) or ``"auto"``.
-        pixdim: in-plane voxel size in mm, None (keep the input's) or ``"auto"``.
+        pixdim: in-plane voxel size in mm, None or ``"input"`` (keep the input's), or ``"auto"``.
     """
     grid = _preset(PRESET_GRIDS, preset, "grid")
     if not (isinstance(spatial_size, str) and spatial_size == AUTO):
         grid["spatial_size"] = [int(spatial_size)] * 2 if isinstance(spatial_size, int) else list(spatial_size)
     if not (isinstance(pixdim, str) and pixdim == AUTO):
-        grid["pixdim"] = pixdim
+        grid["pixdim"] = None if isinstance(pixdim, str) and pixdim == INPUT_PIXDIM else pixdim
     grid["spatial_size"] = list(grid["spatial_size"])
     return grid

@@ -184,13 +184,16 @@ def check_spatial_size(value: Any, preset: str | None = None, knob: str = "spati
 
 def check_pixdim(value: Any, knob: str = "pixdim") -> float | None:
     """
-    Checks an in-plane voxel size in mm to resample to: a number in ``(0, 20]``, or None (keep the input's).
+    Checks an in-plane voxel size in mm to resample to: a number in ``(0, 20]``, or None or ``"input"`` (keep the
+    input's).
 
     Returns:
         the voxel size as a float, or None.
     """
-    if value is None:
+    if value is None or value == "input":
         return None
+    if isinstance(value, str):
+        raise KnobError(knob, value, "a voxel size in mm in (0, 20], input (keep the input's) or auto")
     return float(check_float(knob, value, 0.0, 20.0, low_open=True))
 
 
