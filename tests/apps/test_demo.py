@@ -51,6 +51,8 @@ class TestDemo(unittest.TestCase):
             for name in ("autoencoder", "latent_code_change", "latent_flip_probability"):
                 self.assertIn("auroc", metrics["maps"][name]["protocol_b"], name)
             self.assertLessEqual({"train_autoencoder", "train_diffusion", "inference"}, set(summary["timings_s"]))
+            self.assertGreater(summary["autoencoder_check"]["residual_contrast"], 0)
+            self.assertTrue(any(line.startswith("autoencoder check (held-out tumour slices") for line in lines))
 
     def test_refuses_to_replace_without_overwrite(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -72,7 +74,8 @@ class TestDemo(unittest.TestCase):
 
         maps = {"anomaly": b(0.91, 0.32), "autoencoder": b(0.88, 0.25), "latent_code_change": b(0.7, 0.05),
                 "latent_flip_probability": b(0.3, 0.01)}
-        text = _headline({"maps": maps}, Path("out"), {"total": 60.0}, ["code_change"])
+        text = _headline({"maps": maps}, Path("out"), {"total": 60.0}, ["code_change"], {"residual_contrast": 3.5})
+        self.assertIn("squared residual 3.50x higher in the tumour", text)
         self.assertIn("pixel AUROC: 0.910 vs 0.880", text)
         self.assertIn("pixel AUPRC: 0.320 vs 0.250", text)
         self.assertIn("latent_code_change *: AUROC 0.700", text)

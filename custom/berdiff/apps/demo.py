@@ -295,6 +295,13 @@ def demo(
 
     steps.start("evaluation")
     metrics = evaluate(str(maps_dir), str(test_list), out=str(out_dir), image=str(data_dir), quiet=True)
+    # does the autoencoder already erase the tumours? (then the diffusion model has nothing to heal)
+    from berdiff.evaluation.autoencoder_check import autoencoder_check
+
+    ae_check = autoencoder_check(
+        str(prep_dir), str(model_dir / "models" / "stages" / "autoencoder" / "autoencoder_best.pt"), preset=preset,
+        split="validation", verbose=False,
+    )
     figure = out_dir / "figure.png"
     if figure.is_file():
         os.replace(figure, out_dir / "overview.png")
@@ -315,9 +322,10 @@ def demo(
             "step_posterior": str(step_posterior),
         },
         "metrics": metrics,
+        "autoencoder_check": ae_check,
     }
     atomic_write_json(summary, out_dir / "demo_summary.json")
-    print(_headline(metrics, out_dir, timings, _bundle_latent_maps(bundle_dir)), flush=True)
+    print(_headline(metrics, out_dir, timings, _bundle_latent_maps(bundle_dir), ae_check), flush=True)
     return DemoSummary(summary)
 
 
@@ -348,7 +356,13 @@ def _bundle_latent_maps(bundle_dir: Path) -> list[str]:
     return [value] if isinstance(value, str) else [str(v) for v in value]
 
 
-def _headline(metrics: dict, out_dir: Path, timings: dict[str, float], default_latent: Sequence[str] = ()) -> str:
+def _headline(
+    metrics: dict,
+    out_dir: Path,
+    timings: dict[str, float],
+    default_latent: Sequence[str] = (),
+    ae_check: dict | None = None,
+) -> str:
     maps = metrics.get("maps", {})
     anomaly = maps.get("anomaly", {})
     vol, sl = anomaly.get("protocol_b", {}), anomaly.get("protocol_a", {})
@@ -370,6 +384,13 @@ def _headline(metrics: dict, out_dir: Path, timings: dict[str, float], default_l
         f"  pixel AUROC: {_fmt(_mean(vol, 'auroc'))} vs {_fmt(_mean(ae_vol, 'auroc'))}",
         f"  pixel AUPRC: {_fmt(_mean(vol, 'auprc'))} vs {_fmt(_mean(ae_vol, 'auprc'))}",
     ]
+    if ae_check:
+        lines.append(
+            "autoencoder check (held-out tumour slices, `python -m berdiff autoencoder_check`): squared residual "
+            f"{ae_check['residual_contrast']:.2f}x higher in the tumour than in the rest of the brain; well above 1 "
+            "means the autoencoder already replaces the tumour by healthy tissue, leaving the diffusion model nothing "
+            "to heal"
+        )
     latent = [m for m in maps if m.startswith("latent_")]
     if latent:
         lines.append("latent maps, per volume inside the brain (0.5 = chance; * = written by the bundle by default):")

@@ -76,6 +76,7 @@ def autoencoder_check(
     split: str = "training",
     batch_size: int = 32,
     out: str | None = None,
+    verbose: bool = True,
 ) -> dict[str, Any]:
     """
     Reconstructs the prepared slices with a trained autoencoder and reports: the PSNR on the healthy slices of
@@ -94,6 +95,7 @@ def autoencoder_check(
         split: ``training`` (tuning slices) or ``validation``.
         batch_size: slices per network call.
         out: optional JSON file for the result.
+        verbose: print the result as one JSON line.
 
     Raises:
         ValueError: unknown split, no diseased slices, weights that do not fit.
@@ -137,7 +139,8 @@ def autoencoder_check(
         x = _stack(prepared, healthy, "image")
         mse = float((reconstruct(x) - x).pow(2).mean())
         result["healthy_psnr_db"] = round(10 * np.log10(1.0 / max(mse, 1e-12)), 2)
-    print(json.dumps(result), flush=True)
+    if verbose:
+        print(json.dumps(result), flush=True)
     if out:
         atomic_write_json(result, out)
     return result
