@@ -232,11 +232,18 @@ class TestBratsInferenceOptions(TempDirMixin, unittest.TestCase):
         ckpt = os.path.join(self.tmp, "models", "model.pt")
         write_model_description(ckpt, make_model_description(
             preset="tiny", in_channels=4, spatial_size=[32, 32], latent_channels=4, num_train_timesteps=1000,
-            train_max_timestep=4))
+            train_max_timestep=4, pixdim=2.0))
         run_workflow(self.tmp, image=files, preset="reference", spatial_size=[64, 64], num_train_timesteps=10)
         with open(os.path.join(self.out, "run_summary.json")) as f:
             settings = json.load(f)["settings"]
         self.assertEqual((settings["preset"], settings["spatial_size"]), ("tiny", [32, 32]))
+        # the model's grid: resampled in-plane to 2 mm for the network, written back on the input's grid
+        self.assertEqual(settings["pixdim"], 2.0)
+        source = nib.load(files[0])
+        for path in nifti_outputs(self.out):
+            written = nib.load(os.path.join(self.out, path))
+            self.assertEqual(written.shape[:3], source.shape[:3], path)
+            self.assertTrue(np.allclose(written.affine, source.affine, atol=1e-4), path)
         self.assertEqual(settings["model_description"], os.path.join(self.tmp, "models", "model.json"))
         self.assertEqual(len(nifti_outputs(self.out)), 2)  # anomaly map and mask (no latent map by default)
         # L above the trained range: one clear error, no output

@@ -103,8 +103,8 @@ class TestBratsTraining(TempDirClassMixin, unittest.TestCase):
         self.assertEqual(
             {k: description[k] for k in ("preset", "in_channels", "spatial_size", "latent_channels",
                                          "num_train_timesteps", "train_max_timestep", "trained_iterations",
-                                         "prediction_type")},
-            {"preset": "tiny", "in_channels": 4, "spatial_size": [32, 32], "latent_channels": 4,
+                                         "prediction_type", "pixdim")},
+            {"preset": "tiny", "in_channels": 4, "spatial_size": [32, 32], "pixdim": None, "latent_channels": 4,
              "num_train_timesteps": 1000, "train_max_timestep": None, "trained_iterations": 60,
              "prediction_type": "sample"},
         )
@@ -119,6 +119,23 @@ class TestBratsTraining(TempDirClassMixin, unittest.TestCase):
         with torch.no_grad():
             out = AnomalyPipeline(pipeline.autoencoder, pipeline.unet, noise_level=5)(torch.rand(1, 4, 32, 32))
         self.assertEqual(out.shape, (1, 1, 32, 32))
+
+    def test_grid_comes_from_the_prepared_data(self):
+        data = os.path.join(self.tmp, "prepared_2mm")
+        with contextlib.redirect_stdout(io.StringIO()):
+            prepare_brats(os.path.join(self.tmp, "src"), data, val_fraction=0.25, spatial_size=32, pixdim=2.0)
+        wf = _workflow(DIFF_CONFIG, os.path.join(self.tmp, "grid"), data, spatial_size="auto")
+        self.assertEqual(wf.parser.get_parsed_content("spatial_size_2d"), [32, 32])
+        self.assertEqual(wf.parser.get_parsed_content("pixdim"), 2.0)
+        export = [h for h in wf.parser.get_parsed_content("train#handlers") if type(h).__name__ == "ExportPipeline"]
+        self.assertEqual(export[0].description_args["pixdim"], 2.0)  # -> models/model.json
+        wf = _workflow(AE_CONFIG, os.path.join(self.tmp, "grid"), data, spatial_size=64)
+        with self.assertRaises(Exception) as ctx:
+            wf.parser.get_parsed_content("spatial_size_2d")
+        err = ctx.exception
+        while err.__cause__ is not None:
+            err = err.__cause__
+        self.assertRegex(str(err), r"prepared at \[32, 32\]")
 
     def test_resume_continues_iteration_and_weights(self):
         tmp = os.path.join(self.tmp, "resume")
