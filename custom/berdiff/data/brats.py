@@ -120,9 +120,9 @@ def prepare_brats(
     """
     Prepare BraTS-style volumes for training: discover the cases, split them by subject (seeded), preprocess each
     volume with :func:`berdiff.transforms.volume_preprocessing` (the same as inference: RAS, per-volume head
-    percentile scaling to [0, 1], optional in-plane resampling, in-plane pad/crop), write every axial slice of the slice range as a float16
-    ``.npy`` file (so training epochs never re-read NIfTI volumes), and write ``<out>/datalist.json`` (see the module
-    docstring). A slice is healthy when its segmentation has no tumour voxel (label > 0). Prints the counts.
+    percentile scaling to [0, 1], optional in-plane resampling, in-plane pad/crop), write every axial slice of the
+    slice range as a float16 ``.npy`` file (so training epochs never re-read NIfTI volumes), and write
+    ``<out>/datalist.json`` (see the module docstring). A slice is healthy when its segmentation has no tumour voxel (label > 0). Prints the counts.
 
     All inputs are checked before anything is written; the output appears only when every case succeeded.
 

@@ -101,7 +101,7 @@ def autoencoder_check(
         ValueError: unknown split, no diseased slices, weights that do not fit.
         FileNotFoundError: missing datalist or weights.
     """
-    from berdiff.evaluation.metrics import pixel_auprc, pixel_auroc
+    from berdiff.evaluation.metrics import pixel_auprc, pixel_auroc, psnr
 
     if split not in ("training", "validation"):
         raise ValueError(f"split must be 'training' or 'validation', got {split!r}.")
@@ -137,8 +137,7 @@ def autoencoder_check(
     }
     if healthy:
         x = _stack(prepared, healthy, "image")
-        mse = float((reconstruct(x) - x).pow(2).mean())
-        result["healthy_psnr_db"] = round(10 * np.log10(1.0 / max(mse, 1e-12)), 2)
+        result["healthy_psnr_db"] = round(psnr(reconstruct(x), x, max_val=1.0), 2)
     if verbose:
         print(json.dumps(result), flush=True)
     if out:
