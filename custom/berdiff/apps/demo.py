@@ -90,6 +90,7 @@ def demo(
     ae_epochs: int = 30,
     ae_batch_size: int = 8,
     ae_learning_rate: float = 2e-3,
+    blob_augment_prob: float = 0.0,
     diffusion_epochs: int = 60,
     diffusion_batch_size: int = 32,
     diffusion_learning_rate: float = 1e-3,
@@ -129,6 +130,8 @@ def demo(
         ae_epochs: stage-1 epochs.
         ae_batch_size: stage-1 batch size.
         ae_learning_rate: stage-1 learning rate.
+        blob_augment_prob: share of stage-1 training slices given random blobs of foreign intensities
+            (``berdiff.training.BlobAugmentPrepareBatch``), so that the autoencoder keeps the tumours in the code.
         diffusion_epochs: stage-2 epochs.
         diffusion_batch_size: stage-2 batch size.
         diffusion_learning_rate: stage-2 learning rate.
@@ -157,7 +160,8 @@ def demo(
     for knob, value in (("ae_learning_rate", ae_learning_rate), ("diffusion_learning_rate", diffusion_learning_rate),
                         ("spacing", spacing)):
         check_float(knob, value, 0.0, low_open=True)
-    for knob, value in (("tumour_fraction", tumour_fraction), ("val_fraction", val_fraction)):
+    for knob, value in (("tumour_fraction", tumour_fraction), ("val_fraction", val_fraction),
+                        ("blob_augment_prob", blob_augment_prob)):
         check_float(knob, value, 0.0, 1.0)
     if train_max_timestep is not None and train_max_timestep < noise_level:
         raise ValueError(f"train_max_timestep ({train_max_timestep}) must be >= noise_level ({noise_level}).")
@@ -244,7 +248,8 @@ def demo(
         + ["training", "--config_file", str(configs / "train_autoencoder.yaml")]
         + common
         + ["--max_epochs", str(ae_epochs), "--batch_size", str(ae_batch_size),
-           "--learning_rate", str(ae_learning_rate), "--output_dir", str(logs_dir / "train_autoencoder")],
+           "--learning_rate", str(ae_learning_rate), "--output_dir", str(logs_dir / "train_autoencoder"),
+           "--blob_augment_prob", str(blob_augment_prob)],
         logs_dir / "train_autoencoder.log",
         env,
         echo=("train_autoencoder:",),
@@ -316,6 +321,7 @@ def demo(
             "num_subjects": num_subjects, "tumour_fraction": tumour_fraction, "val_fraction": val_fraction,
             "seed": seed, "spacing": spacing, "preset": preset, "spatial_size": spatial_size,
             "slice_range": [slice_start, slice_stop], "ae_epochs": ae_epochs, "diffusion_epochs": diffusion_epochs,
+            "blob_augment_prob": blob_augment_prob,
             "train_max_timestep": train_max_timestep, "prediction_type": str(prediction_type),
             "noise_level": noise_level, "prob_threshold": prob_threshold,
             "num_inference_steps": num_inference_steps, "anomaly_reference": str(anomaly_reference),

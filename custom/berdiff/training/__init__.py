@@ -7,6 +7,7 @@ monitor, latent-code loaders of the diffusion stage, datalists, checkpoints and 
 
 from __future__ import annotations
 
+from berdiff.training.augment import BlobAugmentPrepareBatch, random_blobs
 from berdiff.training.autoencoder import (
     ReconstructionInferer,
     DelayedAdversarialLoss,
@@ -29,6 +30,8 @@ from berdiff.training.trainers import (
 )
 
 __all__ = [
+    "BlobAugmentPrepareBatch",
+    "random_blobs",
     "Precision",
     "LearningRateRule",
     "resolve_precision",
