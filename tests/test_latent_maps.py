@@ -155,6 +155,41 @@ class TestLatentMapsOnSyntheticCodes(unittest.TestCase):
         self.assertTrue(out["mask"].all())
         self.assertEqual(out["latent_mask_fraction"].min().item(), 1.0)
 
+    def test_latent_weighting_ranks_the_residual_by_the_latent_map(self):
+        # an inexact autoencoder: its decoder adds a fixed error of the size of a bit to every pixel, so that the
+        # residual alone also lights up healthy pixels; weighting it by the confident code change suppresses them
+        healthy, code, region = _synthetic()
+        error = (torch.rand(code.shape, generator=torch.Generator().manual_seed(7)) - 0.5) * 3.0
+
+        class NoisyCodec(IdentityCodec):
+            def decode_stage_2_outputs(self, c: torch.Tensor) -> torch.Tensor:
+                return c + error[: len(c)]
+
+        scheduler = BernoulliScheduler(num_train_timesteps=1000)
+        maps = {}
+        for weighting in (None, "confident_change"):
+            inferer = MaskedBernoulliInferer(
+                scheduler, noise_level=300, num_inference_steps=10, prob_threshold=0.5, final_code="soft",
+                latent_weighting=weighting, latent_weight_floor=0.05,
+            )
+            out = inferer(code, NoisyCodec(), PosteriorDenoiser(healthy, scheduler), torch.Generator().manual_seed(1))
+            maps[weighting] = out
+        plain, weighted = maps[None], maps["confident_change"]
+        # same draws: the residual is the same, the weighted map is the residual times (floor + latent map)
+        self.assertTrue(torch.equal(plain["residual_map"], weighted["residual_map"]))
+        self.assertTrue(torch.equal(plain["anomaly_map"], plain["residual_map"]))
+        self.assertTrue(torch.allclose(
+            weighted["anomaly_map"], weighted["residual_map"] * (0.05 + weighted["latent_confident_change"])
+        ))
+        labels = region.flatten().numpy()
+        auroc = {k: roc_auc_score(labels, m["anomaly_map"].flatten().numpy()) for k, m in maps.items()}
+        self.assertGreater(auroc["confident_change"], 0.97, auroc)
+        self.assertGreater(auroc["confident_change"], auroc[None] + 0.03, auroc)
+        for bad, message in (({"latent_weighting": "confident"}, "latent_weighting"),
+                             ({"latent_weight_floor": 0.0}, "latent_weight_floor")):
+            with self.assertRaisesRegex(ValueError, message):
+                MaskedBernoulliInferer(scheduler, noise_level=10, **bad)
+
     def test_latent_map_keys(self):
         self.assertEqual(latent_map_keys("code_change"), ["latent_code_change"])
         self.assertEqual(latent_map_keys(["mask_fraction", "flip_probability"]),

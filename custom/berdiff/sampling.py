@@ -172,6 +172,13 @@ class MaskedBernoulliSampler:
         step_posterior: a :class:`StepPosterior`: how each reverse step uses the soft estimate of ``x_0``.
         autoencoder_map: also return ``autoencoder_map`` (one more decoder call per batch: the input code is decoded
             too); without it that call is made only for ``anomaly_reference="autoencoder"``.
+        latent_weighting: None (or ``"none"``) for the image-space residual alone (the paper's map), or a
+            :class:`LatentMap` name: ``anomaly_map`` is then the residual times ``latent_weight_floor`` plus that
+            latent map, so that the residual counts where the denoiser found the input's code anomalous
+            (``confident_change``: the bits it is sure are not healthy). Beyond the paper; the residual alone is in
+            the output as well (``residual_map``).
+        latent_weight_floor: the weight of the residual where the latent map is 0 (> 0, so that pixels no bit was
+            flagged for are still ranked by their residual).
     """
 
     def __init__(
@@ -186,6 +193,8 @@ class MaskedBernoulliSampler:
         anomaly_reference: str = AnomalyReference.INPUT,
         step_posterior: str = StepPosterior.MARGINAL,
         autoencoder_map: bool = True,
+        latent_weighting: str | None = None,
+        latent_weight_floor: float = 0.02,
     ) -> None:
         super().__init__()
         if not isinstance(scheduler, BernoulliScheduler):
@@ -196,6 +205,14 @@ class MaskedBernoulliSampler:
         step_posterior = _option("step_posterior", step_posterior, StepPosterior)
         if not 0.0 <= float(prob_threshold) <= 1.0:
             raise ValueError(f"prob_threshold (P) must be in [0, 1], got {prob_threshold}.")
+        if latent_weighting is not None and latent_weighting != "none":
+            latent_weighting = LatentMap(_option("latent_weighting", latent_weighting, LatentMap))
+        else:
+            latent_weighting = None
+        if not 0.0 < float(latent_weight_floor) <= 1.0:
+            raise ValueError(f"latent_weight_floor must be in (0, 1], got {latent_weight_floor}.")
+        self.latent_weighting: LatentMap | None = latent_weighting
+        self.latent_weight_floor = float(latent_weight_floor)
         self.scheduler = scheduler
         self.prob_threshold = float(prob_threshold)
         self.final_code = FinalCode(final_code)
@@ -238,8 +255,9 @@ class MaskedBernoulliSampler:
                 same result as its samples run one at a time with the same generators).
 
         Returns:
-            a dict with ``reconstruction`` (B, C, ...), ``anomaly_map`` (B, 1, ...): the squared residual summed over
+            a dict with ``reconstruction`` (B, C, ...), ``residual_map`` (B, 1, ...): the squared residual summed over
             channels (against the input, or the autoencoder's reconstruction, see ``anomaly_reference``),
+            ``anomaly_map`` (B, 1, ...): the residual map, weighted by a latent map with ``latent_weighting``,
             ``autoencoder_map`` (B, 1, ...; with ``autoencoder_map=True``): the autoencoder-only map
             ``sum_c (D(z_in) - x)^2`` (what the map would be without the diffusion model), the latent maps
             ``latent_code_change``, ``latent_mask_fraction``, ``latent_changed_bits``, ``latent_flip_probability``,
@@ -294,11 +312,15 @@ class MaskedBernoulliSampler:
             LatentMap.FLIP_PROBABILITY: flip_sum / len(timesteps),
             LatentMap.CONFIDENT_CHANGE: confident_sum / len(timesteps),
         }
-        outputs = {"reconstruction": reconstruction, "anomaly_map": anomaly_map}
+        outputs = {"reconstruction": reconstruction, "residual_map": anomaly_map}
         if self.autoencoder_map:
             outputs["autoencoder_map"] = (ae_reconstruction - inputs.float()).pow(2).sum(dim=1, keepdim=True)
         for name, value in latent.items():
             outputs[f"latent_{name.value}"] = F.interpolate(value, size=inputs.shape[2:], mode=mode, align_corners=False)
+        if self.latent_weighting is not None:
+            weight = self.latent_weight_floor + outputs[f"latent_{self.latent_weighting.value}"]
+            anomaly_map = anomaly_map * weight
+        outputs["anomaly_map"] = anomaly_map
         outputs["latent_flip_map"] = outputs["latent_flip_probability"]
         outputs.update({"mask": mask, "input_code": z_in, "code": code})
         return outputs

@@ -123,6 +123,20 @@ class TestAnomalyPipeline(unittest.TestCase):
         self.assertTrue(torch.allclose(out[[0, 2]], ref))
         self.assertEqual(pipe(torch.zeros(2, 2, 16, 16)).abs().max().item(), 0.0)
 
+    def test_latent_weighting_with_empty_slices(self):
+        keys = ("anomaly_map", "residual_map", "latent_confident_change")
+        pipe = tiny_pipeline(output_keys=keys, latent_weighting="confident_change", latent_weight_floor=0.1)
+        x = torch.rand(3, 2, 16, 16)
+        x[1] = 0.0
+        out = pipe(x)
+        self.assertEqual(out.shape, (3, 3, 16, 16))
+        self.assertEqual(out[1].abs().max().item(), 0.0)
+        anomaly, residual, latent = out[:, 0], out[:, 1], out[:, 2]
+        self.assertTrue(torch.allclose(anomaly, residual * (0.1 + latent)))
+        # the residual is the paper's map: what an unweighted pipeline returns as its anomaly map
+        plain = tiny_pipeline(output_keys=("anomaly_map",))(x)
+        self.assertTrue(torch.allclose(plain[:, 0], residual))
+
     def test_nan_input_rejected(self):
         pipe = tiny_pipeline()
         x = torch.rand(1, 2, 16, 16)

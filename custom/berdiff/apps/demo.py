@@ -90,19 +90,21 @@ def demo(
     ae_epochs: int = 30,
     ae_batch_size: int = 8,
     ae_learning_rate: float = 2e-3,
-    blob_augment_prob: float = 0.0,
+    blob_augment_prob: float = 0.5,
     diffusion_epochs: int = 60,
     diffusion_batch_size: int = 32,
     diffusion_learning_rate: float = 1e-3,
     ema_momentum: float = 0.02,
     train_max_timestep: int | None = 150,
     prediction_type: str = "sample",
-    noise_level: int = 100,
-    prob_threshold: float = 0.95,
+    noise_level: int = 50,
+    prob_threshold: float = 0.8,
     num_inference_steps: int = 10,
     sw_batch_size: int = 16,
     anomaly_reference: str = "input",
     step_posterior: str = "marginal",
+    latent_weighting: str | None = "confident_change",
+    latent_weight_floor: float = 0.02,
     bundle: str | None = None,
     overwrite: bool = True,
 ) -> DemoSummary:
@@ -144,6 +146,9 @@ def demo(
         sw_batch_size: slices per network call at inference.
         anomaly_reference: what the anomaly map compares the reconstruction with (``berdiff.inferers.AnomalyReference``).
         step_posterior: reverse step from the soft ``x0`` estimate (``berdiff.inferers.StepPosterior``).
+        latent_weighting: latent map that weights the residual in the anomaly map (``berdiff.inferers.LatentMap``;
+            None or "none": the residual alone, the paper's map).
+        latent_weight_floor: weight of the residual where that latent map is 0.
         bundle: the brain MRI bundle folder (default: the one in this repository checkout).
         overwrite: replace the output of an earlier demo run in ``out`` (any other non-empty folder is refused).
     """
@@ -152,7 +157,8 @@ def demo(
     check_settings(
         {"preset": preset, "spatial_size": spatial_size, "noise_level": noise_level, "prob_threshold": prob_threshold,
          "num_inference_steps": num_inference_steps, "train_max_timestep": train_max_timestep, "seed": seed,
-         "sw_batch_size": sw_batch_size, "ema_momentum": ema_momentum, "prediction_type": prediction_type}
+         "sw_batch_size": sw_batch_size, "ema_momentum": ema_momentum, "prediction_type": prediction_type,
+         "latent_weighting": latent_weighting, "latent_weight_floor": latent_weight_floor}
     )
     for knob, value in (("num_subjects", num_subjects), ("ae_epochs", ae_epochs), ("ae_batch_size", ae_batch_size),
                         ("diffusion_epochs", diffusion_epochs), ("diffusion_batch_size", diffusion_batch_size)):
@@ -290,6 +296,8 @@ def demo(
            "--num_inference_steps", str(num_inference_steps), "--sw_batch_size", str(sw_batch_size),
            "--save_reconstruction", "True", "--progress", "False", "--seed", str(seed),
            "--anomaly_reference", str(anomaly_reference), "--step_posterior", str(step_posterior),
+           "--latent_weighting", "none" if latent_weighting is None else str(latent_weighting),
+           "--latent_weight_floor", str(latent_weight_floor),
            # every latent map and the autoencoder-only map, to score them beside the anomaly map
            "--latent_maps", "[" + ",".join(m.value for m in LatentMap) + "]", "--save_autoencoder_map", "True"],
         logs_dir / "inference.log",
@@ -321,11 +329,11 @@ def demo(
             "num_subjects": num_subjects, "tumour_fraction": tumour_fraction, "val_fraction": val_fraction,
             "seed": seed, "spacing": spacing, "preset": preset, "spatial_size": spatial_size,
             "slice_range": [slice_start, slice_stop], "ae_epochs": ae_epochs, "diffusion_epochs": diffusion_epochs,
-            "blob_augment_prob": blob_augment_prob,
             "train_max_timestep": train_max_timestep, "prediction_type": str(prediction_type),
             "noise_level": noise_level, "prob_threshold": prob_threshold,
             "num_inference_steps": num_inference_steps, "anomaly_reference": str(anomaly_reference),
-            "step_posterior": str(step_posterior),
+            "step_posterior": str(step_posterior), "latent_weighting": latent_weighting,
+            "latent_weight_floor": latent_weight_floor, "blob_augment_prob": blob_augment_prob,
         },
         "metrics": metrics,
         "autoencoder_check": ae_check,

@@ -24,9 +24,9 @@ from berdiff.schedulers import BernoulliScheduler
 __all__ = ["AnomalyPipeline", "PIPELINE_OUTPUT_KEYS", "bundle_output_layout", "slice_seeds"]
 
 #: keys of :meth:`AnomalyPipeline.run` that ``forward`` can concatenate along the channel axis (one channel each,
-#: except ``reconstruction``: the image's channels). ``latent_flip_map`` is the former name of
-#: ``latent_flip_probability``.
-PIPELINE_OUTPUT_KEYS = ("anomaly_map", "autoencoder_map", *LATENT_MAP_KEYS, "latent_flip_map", "reconstruction")
+#: except ``reconstruction``: the image's channels). ``residual_map`` is ``anomaly_map`` before the latent weighting;
+#: ``latent_flip_map`` is the former name of ``latent_flip_probability``.
+PIPELINE_OUTPUT_KEYS = ("anomaly_map", "residual_map", "autoencoder_map", *LATENT_MAP_KEYS, "latent_flip_map", "reconstruction")
 
 
 def bundle_output_layout(
@@ -107,6 +107,8 @@ class AnomalyPipeline(nn.Module):
         latent_reduction: see :class:`~berdiff.sampling.LatentReduction`.
         anomaly_reference: see :class:`~berdiff.sampling.AnomalyReference` ("input": the paper's map).
         step_posterior: see :class:`~berdiff.sampling.StepPosterior`.
+        latent_weighting, latent_weight_floor: see :class:`~berdiff.sampling.MaskedBernoulliSampler` (None: the
+            paper's map, the residual alone).
         output_keys: what ``forward`` returns, concatenated along channels, from :data:`PIPELINE_OUTPUT_KEYS`
             (default: the anomaly map only, one channel).
         seed: when not None, every ``forward`` call gives each sample its own generator, seeded from ``seed`` and
@@ -129,6 +131,8 @@ class AnomalyPipeline(nn.Module):
         latent_reduction: str = LatentReduction.MEAN,
         anomaly_reference: str = AnomalyReference.INPUT,
         step_posterior: str = StepPosterior.MARGINAL,
+        latent_weighting: str | None = None,
+        latent_weight_floor: float = 0.02,
         output_keys: Sequence[str] = ("anomaly_map",),
         seed: int | None = 0,
         skip_empty: bool = True,
@@ -147,6 +151,8 @@ class AnomalyPipeline(nn.Module):
             latent_reduction=latent_reduction,
             anomaly_reference=anomaly_reference,
             step_posterior=step_posterior,
+            latent_weighting=latent_weighting,
+            latent_weight_floor=latent_weight_floor,
             # the input code is decoded a second time only for the autoencoder-only map
             autoencoder_map="autoencoder_map" in tuple(output_keys),
         )
@@ -184,7 +190,7 @@ class AnomalyPipeline(nn.Module):
             return self.inferer(image, self.autoencoder, self.unet, generator)
         # constant slices (background): zero maps, identity reconstruction
         zeros = torch.zeros_like(image[:, :1], dtype=torch.float32)
-        outputs = {"reconstruction": image.float().clone(), "anomaly_map": zeros}
+        outputs = {"reconstruction": image.float().clone(), "anomaly_map": zeros, "residual_map": zeros.clone()}
         if self.inferer.autoencoder_map:
             outputs["autoencoder_map"] = zeros.clone()
         outputs.update({k: zeros.clone() for k in LATENT_MAP_KEYS})

@@ -277,6 +277,14 @@ def _anomaly_reference(knob: str, value: Any) -> Any:
     return check_option(knob, value, AnomalyReference)
 
 
+def _latent_weighting(knob: str, value: Any) -> Any:
+    from berdiff.inferers import LatentMap
+
+    if value is None or value == "none":
+        return None
+    return check_option(knob, value, LatentMap)
+
+
 def _on_error(knob: str, value: Any) -> Any:
     return check_option(knob, value, ("raise", "exit", "continue"))
 
@@ -338,6 +346,8 @@ SETTING_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "ema_momentum": _momentum,
     "prob_threshold": lambda k, v: check_prob_threshold(v, k),
     "anomaly_reference": _anomaly_reference,
+    "latent_weighting": _latent_weighting,
+    "latent_weight_floor": lambda k, v: check_float(k, v, 0.0, 1.0, low_open=True),
     "on_error": _on_error,
     "progress": _bool,
     "save_reconstruction": _bool,
