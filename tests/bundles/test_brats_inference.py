@@ -245,7 +245,9 @@ class TestBratsInferenceOptions(TempDirMixin, unittest.TestCase):
             self.assertEqual(written.shape[:3], source.shape[:3], path)
             self.assertTrue(np.allclose(written.affine, source.affine, atol=1e-4), path)
         self.assertEqual(settings["model_description"], os.path.join(self.tmp, "models", "model.json"))
-        self.assertEqual(len(nifti_outputs(self.out)), 2)  # anomaly map and mask (no latent map by default)
+        # anomaly map, mask and the default latent map
+        self.assertEqual(len(nifti_outputs(self.out)), 3)
+        self.assertTrue(any(p.endswith("_latent_confident_change.nii.gz") for p in nifti_outputs(self.out)))
         # L above the trained range: one clear error, no output
         out = os.path.join(self.tmp, "out_l")
         with self.assertRaises(Exception) as ctx:

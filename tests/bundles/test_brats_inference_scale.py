@@ -31,7 +31,7 @@ from tests.utils import (
 
 CONFIG = INFERENCE_CONFIG
 MULTI_GPU_CONFIG = os.path.join(BUNDLE, "configs", "multi_gpu_inference.yaml")
-POSTFIXES = ("anomaly", "anomaly_mask")  # the default outputs (no latent map)
+POSTFIXES = ("anomaly", "anomaly_mask", "latent_confident_change")  # the default outputs, sorted
 #: tiny preset, random (seeded) weights, CPU: the command-line form of tests.utils.overrides
 CLI_ARGS = [
     "--preset", "tiny", "--spatial_size", "[32, 32]", "--noise_level", "4", "--num_inference_steps", "2",

@@ -30,6 +30,7 @@ DATA_KEYS = {
         "imports", "dataset_dir", "datalist_file", "train_dir", "val_dir", "preset", "spatial_size", "grid",
         "spatial_size_2d", "pixdim", "num_channels",
         "batch_size", "num_workers", "max_epochs", "train#load", "train#datalist", "validate#datalist",
+        "blob_augment_prob",  # whether the data's anomalies have intensities the healthy slices never show
     ),
     "train_diffusion.yaml": ("batch_size",),  # stage 2 keeps stage 1's batch size in the IXI bundle
 }

@@ -107,10 +107,10 @@ class TestBlobAugmentPrepareBatch(unittest.TestCase):
         self.assertTrue(torch.equal(targets, x))
 
     def test_bundle_configs_wire_it_into_stage_one(self):
-        for bundle in ("brats_mri_bernoulli_anomaly", "ixi_t1_bernoulli_anomaly"):
+        for bundle, default in (("brats_mri_bernoulli_anomaly", 0.5), ("ixi_t1_bernoulli_anomaly", 0.0)):
             parser = ConfigParser()
             parser.read_config(str(REPO / "bundles" / bundle / "configs" / "train_autoencoder.yaml"))
-            self.assertEqual(parser["blob_augment_prob"], 0.0, bundle)
+            self.assertEqual(parser["blob_augment_prob"], default, bundle)
             self.assertEqual(parser["train"]["trainer"]["prepare_batch"], "@train#prepare_batch", bundle)
             parser["blob_augment_prob"] = 0.25
             prepare = parser.get_parsed_content("train#prepare_batch")
