@@ -149,9 +149,9 @@ class TestMiniBenchmark(unittest.TestCase):
         self.assertIn((masked["L"], masked["P"]), lp)
         self.assertEqual(sorted(r["K"] for r in tuning["masked_k"]), [1, 2, 3])  # the K grid and tune_steps
         self.assertIn(masked["K"], [r["K"] for r in tuning["masked_k"]])
-        refs = {r["reference"]: r for r in tuning["masked_reference"]}
-        self.assertEqual(set(refs), {"input", "autoencoder"})
-        self.assertIn(masked["reference"], refs)
+        refs = {(r["reference"], r.get("weighting")): r for r in tuning["masked_reference"]}
+        self.assertEqual(set(refs), {("input", None), ("autoencoder", None), ("input", "confident_change")})
+        self.assertIn((masked["reference"], masked["weighting"]), refs)
         self.assertIn("Anomaly map reference", self.md)
 
     def test_cache_reused_and_keyed(self):

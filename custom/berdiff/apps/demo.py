@@ -401,9 +401,9 @@ def _headline(
     if ae_check:
         lines.append(
             "autoencoder check (held-out tumour slices, `python -m berdiff autoencoder_check`): squared residual "
-            f"{ae_check['residual_contrast']:.2f}x higher in the tumour than in the rest of the brain; well above 1 "
-            "means the autoencoder already replaces the tumour by healthy tissue, leaving the diffusion model nothing "
-            "to heal"
+            f"{ae_check['residual_contrast']:.2f}x higher in the tumour than in the rest of the brain (1: the "
+            "autoencoder reproduces the tumour and leaves finding it to the diffusion model; the higher, the more of "
+            "it the autoencoder erases itself)"
         )
     latent = [m for m in maps if m.startswith("latent_")]
     if latent:

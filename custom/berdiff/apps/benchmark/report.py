@@ -181,10 +181,12 @@ def render_markdown(results: dict[str, Any]) -> str:
     if tuning.get("masked_reference"):
         lines += ["", "## Anomaly map reference, masked, at the tuned (L, P, K), tuning split", "",
                   "*input*: squared difference to the input image (the paper); *autoencoder*: to the AE's reconstruction "
-                  "of the input code, so that the AE's own reconstruction error drops out.", "",
+                  "of the input code, so that the AE's own reconstruction error drops out; *x confident_change*: the "
+                  "residual weighted by the share of bits the denoiser is sure are not healthy (`latent_weighting`).", "",
                   "| reference | Dice@0.5 | oracle Dice | AUPRC |", "|---|---|---|---|"]
         for row in tuning["masked_reference"]:
-            lines.append(f"| {row['reference']} | {_fmt(row['dice_fixed'])} | {_fmt(row['dice_oracle'])} | {_fmt(row['auprc'])} |")
+            name = row["reference"] + (f" x {row['weighting']}" if row.get("weighting") else "")
+            lines.append(f"| {name} | {_fmt(row['dice_fixed'])} | {_fmt(row['dice_oracle'])} | {_fmt(row['auprc'])} |")
     for key, title in (("unmasked_l", "unmasked Bernoulli"), ("ddpm_l", "Gaussian DDPM")):
         if tuning.get(key):
             lines += ["", f"## Sweep over L, {title}, tuning split", "", "| L | K | Dice@0.5 | oracle Dice | AUPRC | s / slice (batched) |", "|---|---|---|---|---|---|"]

@@ -50,7 +50,9 @@ class Runners:
         inf = AutoencoderReconstructionInferer()
         return lambda x, idx: inf(x, self.models.ae)
 
-    def bernoulli(self, L: int, P: float, K: int, masked: bool, reference: str = "input") -> RunFn:
+    def bernoulli(
+        self, L: int, P: float, K: int, masked: bool, reference: str = "input", weighting: str | None = None
+    ) -> RunFn:
         """
         Bernoulli diffusion partial denoising of the code.
 
@@ -58,9 +60,11 @@ class Runners:
             L, P, K: noise level, mask threshold and strided steps (``min(K, L)``).
             masked: the masked variant (this project's method) or the unmasked one.
             reference: what the anomaly map compares the reconstruction with.
+            weighting: latent map that weights the residual (``latent_weighting``; None: the residual alone).
         """
         inf = MaskedBernoulliInferer(self.models.bernoulli, noise_level=L, prob_threshold=P,
-                                     num_inference_steps=min(K, L), masked=masked, anomaly_reference=reference)
+                                     num_inference_steps=min(K, L), masked=masked, anomaly_reference=reference,
+                                     latent_weighting=weighting)
         return lambda x, idx: inf(x, self.models.ae, self.models.unet, generators(idx, self.seed, self.device))
 
     def ddpm(self, L: int, K: int) -> RunFn:
@@ -233,7 +237,8 @@ def tune_methods(
         pairs = [(L, P) for L in s.noise_levels for P in s.prob_thresholds]
         pairs += [ref for ref in REFERENCE_SETTINGS if ref not in pairs and ref[0] <= T]
         def masked(c: Mapping[str, Any]) -> dict[str, Any]:
-            return tune_eval(runners.bernoulli(c["L"], c["P"], c["K"], True, c.get("reference", "input")))
+            return tune_eval(runners.bernoulli(c["L"], c["P"], c["K"], True, c.get("reference", "input"),
+                                               c.get("weighting")))
 
         tuning["masked_lp"], best = sweep(
             "masked", [{"L": L, "P": P, "K": min(s.tune_steps, L)} for L, P in pairs], masked
@@ -244,13 +249,16 @@ def tune_methods(
         top = max(np.nan_to_num(r["dice_fixed"], nan=-1.0) for r in tuning["masked_k"])
         k_best = next(r for r in tuning["masked_k"] if np.nan_to_num(r["dice_fixed"], nan=-1.0) >= top - s.k_tolerance)
         K = k_best["K"]
-        # the anomaly map against the input (the paper) or against the AE's reconstruction of the input code
-        refs = [{"L": L, "P": P, "K": K, "reference": ref} for ref in ("input", "autoencoder")]
+        # the anomaly map against the input (the paper) or against the AE's reconstruction of the input code, and
+        # the input's residual weighted by the confident code change
+        refs = [{"L": L, "P": P, "K": K, "reference": ref, "weighting": w}
+                for ref, w in (("input", None), ("autoencoder", None), ("input", "confident_change"))]
         tuning["masked_reference"], chosen_ref = sweep("masked", refs, masked, known=[{**k_best, "reference": "input"}])
-        ref = chosen_ref["reference"]
-        chosen[Method.MASKED] = {"fn": runners.bernoulli(L, P, K, True, ref),
-                                 "settings": {"L": L, "P": P, "K": K, "reference": ref},
-                                 "text": f"L={L}, P={P}, K={K}, map vs {ref}", "tune": chosen_ref}
+        ref, weighting = chosen_ref["reference"], chosen_ref.get("weighting")
+        text = f"L={L}, P={P}, K={K}, map vs {ref}" + (f" x {weighting}" if weighting else "")
+        chosen[Method.MASKED] = {"fn": runners.bernoulli(L, P, K, True, ref, weighting),
+                                 "settings": {"L": L, "P": P, "K": K, "reference": ref, "weighting": weighting},
+                                 "text": text, "tune": chosen_ref}
     if Method.UNMASKED in methods:
         tuning["unmasked_l"], best = sweep(
             "unmasked", [{"L": L, "K": min(s.tune_steps, L)} for L in s.noise_levels],
