@@ -26,7 +26,9 @@ __all__ = ["AnomalyPipeline", "PIPELINE_OUTPUT_KEYS", "bundle_output_layout", "s
 #: keys of :meth:`AnomalyPipeline.run` that ``forward`` can concatenate along the channel axis (one channel each,
 #: except ``reconstruction``: the image's channels). ``residual_map`` is ``anomaly_map`` before the latent weighting;
 #: ``latent_flip_map`` is the former name of ``latent_flip_probability``.
-PIPELINE_OUTPUT_KEYS = ("anomaly_map", "residual_map", "autoencoder_map", *LATENT_MAP_KEYS, "latent_flip_map", "reconstruction")
+PIPELINE_OUTPUT_KEYS = (
+    "anomaly_map", "residual_map", "autoencoder_map", *LATENT_MAP_KEYS, "latent_flip_map", "reconstruction"
+)
 
 
 def bundle_output_layout(
