@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.utils import StrEnum, look_up_option
 
+from berdiff.residual import ResidualSign, check_channel_weights, residual_map
 from berdiff.schedulers import BernoulliScheduler, bernoulli, uniform_like
 
 __all__ = [
@@ -179,6 +180,13 @@ class MaskedBernoulliSampler:
             the output as well (``residual_map``).
         latent_weight_floor: the weight of the residual where the latent map is 0 (> 0, so that pixels no bit was
             flagged for are still ranked by their residual).
+        residual_sign: a :class:`berdiff.residual.ResidualSign`: which sign of ``input - reconstruction`` counts
+            (``both``: the paper's squared residual; ``positive``: only brighter than the healthy reconstruction).
+        channel_weights: per-channel weights of the squared residual (None: every channel 1, the paper's sum).
+        intensity_channel: None, or the input channel whose intensity multiplies the residual (an intensity prior,
+            e.g. FLAIR for brain tumours; beyond the paper).
+        The residual rule (sign, weights, prior) applies to ``residual_map``, ``anomaly_map`` and ``autoencoder_map``
+        alike, so that the autoencoder-only map is the same map without the diffusion model.
     """
 
     def __init__(
@@ -195,6 +203,9 @@ class MaskedBernoulliSampler:
         autoencoder_map: bool = True,
         latent_weighting: str | None = None,
         latent_weight_floor: float = 0.02,
+        residual_sign: str = ResidualSign.BOTH,
+        channel_weights: Sequence[float] | None = None,
+        intensity_channel: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(scheduler, BernoulliScheduler):
@@ -211,6 +222,11 @@ class MaskedBernoulliSampler:
             latent_weighting = None
         if not 0.0 < float(latent_weight_floor) <= 1.0:
             raise ValueError(f"latent_weight_floor must be in (0, 1], got {latent_weight_floor}.")
+        self.residual_sign = ResidualSign(_option("residual_sign", residual_sign, ResidualSign))
+        self.channel_weights = check_channel_weights(channel_weights)
+        if intensity_channel is not None and (isinstance(intensity_channel, bool) or int(intensity_channel) < 0):
+            raise ValueError(f"intensity_channel must be None or a channel index >= 0, got {intensity_channel!r}.")
+        self.intensity_channel = None if intensity_channel is None else int(intensity_channel)
         self.latent_weighting: LatentMap | None = latent_weighting
         self.latent_weight_floor = float(latent_weight_floor)
         self.scheduler = scheduler
@@ -225,6 +241,21 @@ class MaskedBernoulliSampler:
         self.num_inference_steps = self.noise_level if num_inference_steps is None else int(num_inference_steps)
         # validates 1 <= K <= L <= T
         self.timesteps = scheduler.get_timesteps(self.num_inference_steps, start_timestep=self.noise_level - 1)
+
+    def residual(self, reconstruction: torch.Tensor, reference: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """
+        The residual map (B, 1, ...) of ``reconstruction`` against ``reference`` with this sampler's rule
+        (:func:`berdiff.residual.residual_map`: sign, channel weights, intensity prior from ``inputs``).
+        """
+        intensity = None
+        if self.intensity_channel is not None:
+            if self.intensity_channel >= inputs.shape[1]:
+                raise ValueError(
+                    f"intensity_channel {self.intensity_channel} is out of range for an input with "
+                    f"{inputs.shape[1]} channel(s)."
+                )
+            intensity = inputs[:, self.intensity_channel : self.intensity_channel + 1]
+        return residual_map(reconstruction, reference, self.residual_sign, self.channel_weights, intensity)
 
     def _reduce_channels(self, flip: torch.Tensor) -> torch.Tensor:
         if self.latent_reduction == LatentReduction.MAX:
@@ -303,7 +334,7 @@ class MaskedBernoulliSampler:
         if self.autoencoder_map or ae_reference:
             ae_reconstruction = autoencoder.decode_stage_2_outputs(z_in).float().clamp(0.0, 1.0)
         reference = ae_reconstruction if ae_reference else inputs.float()
-        anomaly_map = (reconstruction - reference).pow(2).sum(dim=1, keepdim=True)
+        anomaly_map = self.residual(reconstruction, reference, inputs)
         mode = "bilinear" if inputs.ndim == 4 else "trilinear"
         latent = {
             LatentMap.CODE_CHANGE: change_sum / len(timesteps),
@@ -314,7 +345,7 @@ class MaskedBernoulliSampler:
         }
         outputs = {"reconstruction": reconstruction, "residual_map": anomaly_map}
         if self.autoencoder_map:
-            outputs["autoencoder_map"] = (ae_reconstruction - inputs.float()).pow(2).sum(dim=1, keepdim=True)
+            outputs["autoencoder_map"] = self.residual(ae_reconstruction, inputs.float(), inputs)
         for name, value in latent.items():
             outputs[f"latent_{name.value}"] = F.interpolate(value, size=inputs.shape[2:], mode=mode, align_corners=False)
         if self.latent_weighting is not None:

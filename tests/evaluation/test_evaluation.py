@@ -214,3 +214,67 @@ class TestEvaluateArrays(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestReferenceMaps(unittest.TestCase):
+    """The input-intensity reference maps, the comparisons with the anomaly map and the slice range."""
+
+    def setUp(self):
+        self.root = Path(tempfile.mkdtemp())
+        self.pred, self.lab, self.img = self.root / "pred", self.root / "lab", self.root / "img"
+        rng = np.random.default_rng(1)
+        for i in range(1, 4):
+            case = f"BraTS_{i:03d}"
+            gt = _gt(i)
+            head = np.zeros(SHAPE, np.float32)
+            head[3:29, 3:29, :] = 1.0
+            # the anomaly map is perfect; flair is bright in the tumour but noisy; t1 is unrelated noise
+            _save((gt > 0).astype(np.float32) + 0.1 * rng.random(SHAPE).astype(np.float32), self.pred / f"{case}_anomaly.nii.gz")
+            _save(gt, self.lab / case / f"{case}_seg.nii.gz")
+            flair = head * (1 + 0.5 * (gt > 0) + 0.6 * rng.random(SHAPE).astype(np.float32))
+            channels = {"t1": head * (1 + rng.random(SHAPE).astype(np.float32)), "t1ce": head, "t2": head, "flair": flair}
+            for m, vol in channels.items():
+                _save(vol.astype(np.float32), self.img / case / f"{case}_{m}.nii.gz")
+
+    def tearDown(self):
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _run(self, **kwargs) -> dict:
+        with redirect_stdout(io.StringIO()) as buf:
+            res = evaluate(str(self.pred), str(self.lab), image=str(self.img), median_size_2d=1, median_size_3d=1,
+                           erode=False, figure=False, **kwargs)
+        self.stdout = buf.getvalue()
+        return res
+
+    def test_input_channels_are_scored_and_compared(self):
+        res = self._run()
+        for name in ("input_t1", "input_t1ce", "input_t2", "input_flair"):
+            self.assertIn(name, res["maps"])
+        flair = res["maps"]["input_flair"]["protocol_b"]["auroc"]["mean"]
+        t1 = res["maps"]["input_t1"]["protocol_b"]["auroc"]["mean"]
+        self.assertGreater(flair, 0.8)  # bright tumour
+        self.assertLess(t1, 0.65)  # unrelated noise
+        comp = res["comparisons"]["input_flair"]
+        self.assertEqual(set(comp), {"volume_best_dice", "volume_auroc", "volume_auprc", "slice_dice", "slice_auroc",
+                                     "slice_auprc"})
+        self.assertEqual(comp["volume_auprc"]["n"], 3)  # one pair per volume
+        self.assertEqual(comp["slice_dice"]["n"], res["maps"]["anomaly"]["protocol_a"]["n_slices"])
+        # the perfect map beats flair: the interval of the difference lies above 0
+        self.assertGreater(comp["volume_auprc"]["low"], 0.0)
+        self.assertGreater(comp["slice_dice"]["low"], 0.0)
+        self.assertIn("vs input_flair", self.stdout)
+        rows = list(csv.DictReader(open(self.pred / "evaluation" / "per_case.csv")))
+        self.assertIn("input_flair_b_auprc", rows[0])
+
+    def test_references_off(self):
+        res = self._run(references=False)
+        self.assertEqual(list(res["maps"]), ["anomaly"])
+        self.assertEqual(res["comparisons"], {})
+
+    def test_slice_range(self):
+        # the tumour boxes occupy slices 2..5: slices 0..2 hold one diseased slice per case
+        res = self._run(slice_start=0, slice_stop=3)
+        self.assertEqual(res["maps"]["anomaly"]["protocol_a"]["n_slices"], 3)
+        self.assertEqual(res["settings"]["slice_range"], [0, 3])
+        with self.assertRaisesRegex(ValueError, "empty"):
+            self._run(slice_start=9, slice_stop=20)

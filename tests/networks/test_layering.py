@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 # Copyright (c) berdiff contributors
-"""The method layer (schedulers, sampling, networks, losses, engines) imports nothing from the layers above it."""
+"""The method layer (schedulers, residual, sampling, networks, losses, engines) imports nothing from the layers above it."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ PACKAGE = Path(berdiff.__file__).resolve().parent
 #: module -> berdiff modules it may import
 ALLOWED = {
     "schedulers": {"berdiff.utils"},
-    "sampling": {"berdiff.schedulers", "berdiff.utils"},
+    "residual": {"berdiff.utils"},
+    "sampling": {"berdiff.residual", "berdiff.schedulers", "berdiff.utils"},
     "losses": {"berdiff.schedulers", "berdiff.utils"},
     "engines": {"berdiff.schedulers", "berdiff.utils"},
-    "networks": {"berdiff.networks", "berdiff.sampling", "berdiff.schedulers", "berdiff.utils"},
+    "networks": {"berdiff.networks", "berdiff.residual", "berdiff.sampling", "berdiff.schedulers", "berdiff.utils"},
 }
 
 

@@ -276,4 +276,6 @@ def load_case(entry: Mapping[str, Any]) -> dict[str, Any]:
             case["image"] = vols[0]
         else:
             case["image"] = np.stack([squeeze_to_3d(v, f"image {p}") for v, p in zip(vols, entry["image"])])
+            # the modality token of each file (BraTS <case>_flair.nii.gz -> flair) names its reference map
+            case["image_channels"] = [(strip_nifti(Path(p).name) or "").split("_")[-1].lower() for p in entry["image"]]
     return case

@@ -29,12 +29,15 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from berdiff.evaluation.cases import find_cases, load_case
+from berdiff.evaluation.comparisons import compare_maps, comparison_text
 from berdiff.evaluation.protocols import ThresholdMap, mean_std
 from berdiff.evaluation.reports import summary_text, write_outputs
-from berdiff.evaluation.scoring import MAP_KEYS, ProtocolSettings, describe_settings, score_case, summarise_map
+from berdiff.evaluation.scoring import ProtocolSettings, describe_settings, map_names, score_case, summarise_map
 
-__all__ = ["EvaluationResult", "evaluate", "evaluate_arrays", "load_threshold", "read_calibration"]
+__all__ = ["EvaluationResult", "crop_case", "evaluate", "evaluate_arrays", "load_threshold", "read_calibration"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +103,40 @@ def load_threshold(path: str | os.PathLike, expected: Mapping[str, Any] | None =
     return content["threshold"]
 
 
+def crop_case(case: Mapping[str, Any], axis: int, start: int | None, stop: int | None) -> dict[str, Any]:
+    """
+    The case with every volume (maps, label, image, reconstruction, brain mask) restricted to the slices
+    ``start:stop`` along the spatial ``axis`` (Python slice semantics), e.g. the paper's axial range of BraTS.
+
+    Args:
+        case: a case dict (see :func:`evaluate_arrays`).
+        axis: the spatial slicing axis of the 3D volumes.
+        start, stop: the slice range (None: from the first / to the last slice).
+
+    Raises:
+        ValueError: the range is empty for the case.
+    """
+    out = dict(case)
+    if start is None and stop is None:
+        return out
+    score = np.asarray(case["score"])
+    spatial = score.shape[-3:] if score.ndim > 3 and score.shape[0] == 1 else score.shape[:3]
+    ax = axis % 3
+    rng = range(*slice(start, stop).indices(spatial[ax]))
+    if len(rng) == 0:
+        raise ValueError(f"case {case.get('name')!r}: slice range [{start}, {stop}) is empty for {spatial[ax]} slices.")
+    for key, value in case.items():
+        if not isinstance(value, np.ndarray) or value.ndim < 3:
+            continue
+        if value.shape[:3] == spatial:
+            out[key] = np.take(value, rng, axis=ax)
+        elif value.ndim == 4 and value.shape[1:] == spatial:
+            out[key] = np.take(value, rng, axis=ax + 1)
+        elif value.ndim == 4 and value.shape[0] == 1 and value.shape[1:4] == spatial:
+            out[key] = np.take(value, rng, axis=ax + 1)
+    return out
+
+
 def _score_all(
     cases: Iterable[Mapping[str, Any]], settings: ProtocolSettings, threshold_source: str | None
 ) -> tuple[dict, list[dict]]:
@@ -118,7 +155,8 @@ def _score_all(
         "n_cases": len(scored),
         "n_diseased_cases": int(sum(r["tumour_voxels"] > 0 for r in rows)),
         "cases": names,
-        "maps": {m: s for m in MAP_KEYS if (s := summarise_map(scored, m))},
+        "maps": {m: s for m in map_names(scored) if (s := summarise_map(scored, m))},
+        "comparisons": compare_maps(scored),
         "psnr": mean_std([r["psnr"] for r in rows]),
         "settings": describe_settings(settings, threshold_source, [bool(r["brain_mask"]) for r in rows]),
         "per_case": rows,
@@ -186,6 +224,9 @@ def evaluate(
     min_component_3d: int = 7,
     erode: bool | int = True,
     threshold_on: str | None = None,
+    references: bool = True,
+    slice_start: int | None = None,
+    slice_stop: int | None = None,
     allow_missing_labels: bool = False,
     figure: bool = True,
     quiet: bool = False,
@@ -246,6 +287,7 @@ def evaluate(
         erode=erode,
         compute_psnr=False,
         threshold_on=threshold_on,
+        input_references=bool(references),
     )
     if brain_mask and image is None:
         raise ValueError("brain_mask=True needs the image folder (--image) to compute the mask from.")
@@ -264,7 +306,9 @@ def evaluate(
     from tqdm.auto import tqdm
 
     progress = tqdm(entries, desc="evaluate", unit="case", disable=quiet, dynamic_ncols=True, mininterval=1.0)
-    result, scored = _score_all((load_case(e) for e in progress), settings, source)
+    cases = (crop_case(load_case(e), axis, slice_start, slice_stop) for e in progress)
+    result, scored = _score_all(cases, settings, source)
+    result["settings"]["slice_range"] = [slice_start, slice_stop]
     if extra:
         result["settings"]["threshold_file_content"] = extra
     result["settings"]["inputs"] = {"pred": str(pred), "label": str(label), "image": image and str(image)}
@@ -273,4 +317,6 @@ def evaluate(
     write_outputs(result, scored, out_dir, figure)
     if not quiet:
         print(summary_text(result, out_dir))
+        if result["comparisons"]:
+            print(comparison_text(result["comparisons"]))
     return EvaluationResult(result)

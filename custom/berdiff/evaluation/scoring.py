@@ -33,6 +33,8 @@ __all__ = [
     "MAP_KEYS",
     "ProtocolSettings",
     "describe_settings",
+    "input_reference_maps",
+    "map_names",
     "score_case",
     "squeeze_to_3d",
     "summarise_map",
@@ -70,6 +72,9 @@ class ProtocolSettings:
         figure_channel: channel of a 4D ``image``/``recon`` shown in the figure (-1: FLAIR in the bundle's order).
         compute_psnr: PSNR of ``recon`` against ``image`` (only meaningful when both share intensity space).
         threshold_on: member of :class:`~berdiff.evaluation.protocols.ThresholdMap`: the map ``threshold`` applies to.
+        input_references: also score each channel of ``image`` as a map of its own (``input_<channel>``, e.g.
+            ``input_flair``): the input intensity with no learning at all, the reference every method of the field
+            must beat (a plain FLAIR threshold is strong on BraTS).
     """
 
     threshold: float | None = None
@@ -84,6 +89,7 @@ class ProtocolSettings:
     figure_channel: int = -1
     compute_psnr: bool = True
     threshold_on: str = ThresholdMap.PROCESSED
+    input_references: bool = False
 
     def __post_init__(self) -> None:
         if self.threshold is not None:
@@ -146,6 +152,27 @@ def _brain_mask(case: Mapping[str, Any], name: str, image: np.ndarray | None, sh
     return brain
 
 
+def input_reference_maps(image: np.ndarray | None, channels: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """
+    The input-intensity reference maps of a case: ``{"input_<channel>": 3D intensity}`` for a channel-first 4D
+    ``image`` (channel names from ``channels``, else ``c0``, ``c1``, ...), ``{"input": image}`` for a 3D one, ``{}``
+    without an image.
+
+    Args:
+        image: the case's image (3D, or 4D channel-first), or None.
+        channels: the names of its channels (e.g. ``["t1", "t1ce", "t2", "flair"]``).
+    """
+    if image is None:
+        return {}
+    image = np.asarray(image)
+    if image.ndim == 3:
+        return {"input": image.astype(np.float32)}
+    names = list(channels) if channels is not None and len(channels) == image.shape[0] else [
+        f"c{i}" for i in range(image.shape[0])
+    ]
+    return {f"input_{n}": image[i].astype(np.float32) for i, n in enumerate(names)}
+
+
 def _extra_maps(case: Mapping[str, Any], name: str, shape: tuple) -> dict[str, np.ndarray]:
     extra: dict[str, np.ndarray] = {}
     for key in EXTRA_MAPS:
@@ -190,7 +217,9 @@ def score_case(case: Mapping[str, Any], index: int, settings: ProtocolSettings) 
     s, ax = settings, settings.axis % 3
     row: dict[str, Any] = {"case": name, "tumour_voxels": int(gt.sum()), "brain_mask": brain is not None}
     maps: dict[str, dict] = {}
-    for map_name, key in MAP_KEYS.items():
+    references = input_reference_maps(image, case.get("image_channels")) if s.input_references else {}
+    extra.update(references)
+    for map_name, key in [*MAP_KEYS.items(), *((r, r) for r in references)]:
         vol = score if key == "score" else extra.get(key)
         if vol is None:
             continue
@@ -234,6 +263,14 @@ def score_case(case: Mapping[str, Any], index: int, settings: ProtocolSettings) 
         "slice": z,
     }
     return {"row": row, "maps": maps, "figure": fig}
+
+
+def map_names(scored: Sequence[dict]) -> list[str]:
+    """The names of the maps scored in any case: :data:`MAP_KEYS` order, then the input references by first use."""
+    names = [m for m in MAP_KEYS if any(m in c["maps"] for c in scored)]
+    for c in scored:
+        names += [m for m in c["maps"] if m not in names]
+    return names
 
 
 def summarise_map(scored: Sequence[dict], map_name: str) -> dict:

@@ -111,6 +111,9 @@ class AnomalyPipeline(nn.Module):
         step_posterior: see :class:`~berdiff.sampling.StepPosterior`.
         latent_weighting, latent_weight_floor: see :class:`~berdiff.sampling.MaskedBernoulliSampler` (None: the
             paper's map, the residual alone).
+        residual_sign, channel_weights, intensity_channel: the residual rule of every image-space map, see
+            :class:`~berdiff.sampling.MaskedBernoulliSampler` and :func:`berdiff.residual.residual_map` (defaults:
+            the paper's ``sum_c (x_hat_c - x_c)^2``).
         output_keys: what ``forward`` returns, concatenated along channels, from :data:`PIPELINE_OUTPUT_KEYS`
             (default: the anomaly map only, one channel).
         seed: when not None, every ``forward`` call gives each sample its own generator, seeded from ``seed`` and
@@ -135,6 +138,9 @@ class AnomalyPipeline(nn.Module):
         step_posterior: str = StepPosterior.MARGINAL,
         latent_weighting: str | None = None,
         latent_weight_floor: float = 0.02,
+        residual_sign: str = "both",
+        channel_weights: Sequence[float] | None = None,
+        intensity_channel: int | None = None,
         output_keys: Sequence[str] = ("anomaly_map",),
         seed: int | None = 0,
         skip_empty: bool = True,
@@ -155,6 +161,9 @@ class AnomalyPipeline(nn.Module):
             step_posterior=step_posterior,
             latent_weighting=latent_weighting,
             latent_weight_floor=latent_weight_floor,
+            residual_sign=residual_sign,
+            channel_weights=channel_weights,
+            intensity_channel=intensity_channel,
             # the input code is decoded a second time only for the autoencoder-only map
             autoencoder_map="autoencoder_map" in tuple(output_keys),
         )

@@ -285,6 +285,25 @@ def _latent_weighting(knob: str, value: Any) -> Any:
     return check_option(knob, value, LatentMap)
 
 
+def _residual_sign(knob: str, value: Any) -> Any:
+    from berdiff.residual import ResidualSign
+
+    return check_option(knob, value, ResidualSign)
+
+
+def _channel_names(knob: str, value: Any) -> Any:
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
+        raise KnobError(knob, value, "'all' or a non-empty list of channel names (e.g. [flair])")
+    return value
+
+
+def _channel_name_or_none(knob: str, value: Any) -> Any:
+    if value is None or (isinstance(value, str) and value):
+        return value
+    raise KnobError(knob, value, "null or a channel name (e.g. flair)")
+
+
 def _on_error(knob: str, value: Any) -> Any:
     return check_option(knob, value, ("raise", "exit", "continue"))
 
@@ -348,6 +367,9 @@ SETTING_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "anomaly_reference": _anomaly_reference,
     "latent_weighting": _latent_weighting,
     "latent_weight_floor": lambda k, v: check_float(k, v, 0.0, 1.0, low_open=True),
+    "residual_sign": _residual_sign,
+    "residual_channels": _channel_names,
+    "intensity_prior": _channel_name_or_none,
     "on_error": _on_error,
     "progress": _bool,
     "save_reconstruction": _bool,
