@@ -1,0 +1,134 @@
+# SPDX-License-Identifier: Apache-2.0
+# Copyright (c) berdiff contributors
+"""berdiff.io.oct: image scores, the per-scan map files, scores.csv, the scan list and the checks before a run."""
+
+from __future__ import annotations
+
+import csv
+import os
+import unittest
+
+import numpy as np
+from PIL import Image
+
+from berdiff.io.oct import (
+    ImageScore,
+    OCTOutputWriter,
+    image_score,
+    oct_preflight,
+    output_stem,
+    scan_item,
+    scan_items,
+    write_scan_maps,
+    write_scores_csv,
+)
+from tests.oct_fixtures import synthetic_bscan, write_bscan
+from tests.utils import TempDirMixin
+
+
+class TestImageScore(unittest.TestCase):
+    def test_statistics_against_numpy(self):
+        rng = np.random.default_rng(0)
+        m = rng.random((20, 30))
+        self.assertAlmostEqual(image_score(m, "mean", 0), float(m.mean()))
+        self.assertAlmostEqual(image_score(m, "p99", 0), float(np.percentile(m, 99)))
+        self.assertAlmostEqual(image_score(m, "max", 0), float(m.max()))
+        self.assertAlmostEqual(image_score(m, "top1", 0), float(np.sort(m.ravel())[-6:].mean()))
+        self.assertEqual(sorted(m.value for m in ImageScore), ["max", "mean", "p99", "top1"])
+
+    def test_smoothing_favours_a_blob_over_scattered_pixels(self):
+        rng = np.random.default_rng(1)
+        scattered = np.zeros((40, 40))
+        scattered[rng.integers(0, 40, 25), rng.integers(0, 40, 25)] = 1.0
+        blob = np.zeros((40, 40))
+        blob[18:23, 18:23] = 1.0
+        self.assertGreater(image_score(blob, "max", 2.0), image_score(scattered, "max", 2.0))
+
+    def test_bad_options(self):
+        with self.assertRaisesRegex(ValueError, "image score must be one of .*'median'"):
+            image_score(np.zeros((4, 4)), "median")
+        with self.assertRaisesRegex(ValueError, "sigma"):
+            image_score(np.zeros((4, 4)), "mean", -1)
+
+
+class TestOutputs(TempDirMixin, unittest.TestCase):
+    def test_scores_csv(self):
+        path = write_scores_csv(
+            os.path.join(self.tmp, "scores.csv"),
+            [{"image": "NORMAL/a.png", "score": 0.5, "score_autoencoder": 0.25},
+             {"image": "AMD/b.jpeg", "score": 1.0, "score_autoencoder": 0.75}],
+        )
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        self.assertEqual(rows[0], ["image", "score", "score_autoencoder"])
+        self.assertEqual(rows[1:], [["NORMAL/a.png", "0.5", "0.25"], ["AMD/b.jpeg", "1", "0.75"]])
+        with self.assertRaisesRegex(ValueError, "needs 'image' and 'score'"):
+            write_scores_csv(os.path.join(self.tmp, "bad.csv"), [{"image": "a"}])
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "bad.csv")))
+
+    def test_map_files_keep_subfolders(self):
+        self.assertEqual(output_stem("AMD/x/scan_1.nii.gz"), "AMD/x/scan_1")
+        self.assertEqual(output_stem("scan.png"), "scan")
+        m = np.linspace(0, 0.2, 12, dtype=np.float32).reshape(3, 4)
+        files = write_scan_maps(self.tmp, "AMD/scan_1.jpeg", {"anomaly": m}, png_max=0.1)
+        self.assertEqual(sorted(os.path.relpath(f, self.tmp) for f in files),
+                         ["AMD/scan_1_anomaly.npy", "AMD/scan_1_anomaly.png"])
+        np.testing.assert_array_equal(np.load(os.path.join(self.tmp, "AMD", "scan_1_anomaly.npy")), m)
+        png = np.asarray(Image.open(os.path.join(self.tmp, "AMD", "scan_1_anomaly.png")))
+        self.assertEqual(png.shape, (3, 4))
+        self.assertEqual((int(png.min()), int(png.max())), (0, 255))
+
+    def test_writer_with_a_fake_engine(self):
+        import torch
+
+        class Engine:
+            class state:
+                batch = {"name": ["NORMAL/a.png"], "geometry": {"height": torch.tensor([30]), "width": torch.tensor([40]),
+                                                                  "top": torch.tensor([5]), "band": torch.tensor([14])}}
+                output = {"pred": torch.rand(1, 2, 8, 16)}
+
+        writer = OCTOutputWriter(self.tmp, ["anomaly", "autoencoder"], "mean", 0.0, write_maps=["anomaly"])
+        writer.started()
+        writer.iteration_completed(Engine)
+        writer.completed()
+        amap = np.load(os.path.join(self.tmp, "NORMAL", "a_anomaly.npy"))
+        self.assertEqual(amap.shape, (30, 40))
+        self.assertEqual(float(amap[:5].sum() + amap[19:].sum()), 0.0)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "NORMAL", "a_autoencoder.npy")))
+        with open(os.path.join(self.tmp, "scores.csv"), newline="") as f:
+            row = next(csv.DictReader(f))
+        self.assertAlmostEqual(float(row["score"]), float(Engine.state.output["pred"][0, 0].mean()), places=5)
+        self.assertIn("score_autoencoder", row)
+
+
+class TestInputs(TempDirMixin, unittest.TestCase):
+    def test_scan_items_and_item_transform(self):
+        write_bscan(os.path.join(self.tmp, "in", "AMD", "x.png"), synthetic_bscan(30, 50, bump=True))
+        write_bscan(os.path.join(self.tmp, "in", "y.tif"), synthetic_bscan(30, 50))
+        items = scan_items(os.path.join(self.tmp, "in"))
+        self.assertEqual([i["name"] for i in items], ["AMD/x.png", "y.tif"])
+        item = scan_item(items[0], (16, 32), 0.35)
+        self.assertEqual(tuple(item["image"].shape), (1, 16, 32))
+        self.assertEqual(item["geometry"]["height"], 30)
+        self.assertEqual(oct_preflight(items, on_error="raise"), 2)
+        one = scan_items(image=items[1]["image"])
+        self.assertEqual(one[0]["name"], "y.tif")
+
+    def test_preflight_names_the_problem(self):
+        with self.assertRaisesRegex(FileNotFoundError, "does not exist"):
+            oct_preflight(scan_items(os.path.join(self.tmp, "missing")), on_error="raise")
+        folder = os.path.join(self.tmp, "bad")
+        write_bscan(os.path.join(folder, "good.png"), synthetic_bscan(30, 50))
+        write_bscan(os.path.join(folder, "blank.png"), np.full((30, 50), 7, np.uint8))
+        data = open(os.path.join(folder, "good.png"), "rb").read()
+        with open(os.path.join(folder, "cut.png"), "wb") as f:
+            f.write(data[:100])
+        with self.assertRaisesRegex(ValueError, r"2 bad scan\(s\), nothing written: .*blank.png.*empty.*cut.png"):
+            oct_preflight(scan_items(folder), on_error="raise")
+        items = [i for i in scan_items(folder) if i["name"] == "good.png"]
+        with self.assertRaisesRegex(FileNotFoundError, "model weights .* not found"):
+            oct_preflight(items, os.path.join(self.tmp, "model.pt"), on_error="raise")
+
+
+if __name__ == "__main__":
+    unittest.main()
