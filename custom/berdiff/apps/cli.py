@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "speed": "berdiff.apps.speed:speed",
     "build_bundle": "berdiff.apps.release:build_bundle",
     "build_bundles": "berdiff.apps.release:build_bundles",
+    "gpu_report": "berdiff.apps.gpu_report:gpu_report",
 }
 
 
