@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 # Copyright (c) berdiff contributors
-"""``scripts/gpu_report.sh --dry-run``: every part of the GPU report runs its real commands on the CPU with tiny sizes."""
+"""``scripts/gpu_report.sh --dry-run``: every part of the GPU report runs its commands on the CPU with tiny sizes."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import subprocess
 import sys
 import tempfile
 import unittest
+from pathlib import Path
 
 from berdiff.apps.benchmark import benchmark
-from berdiff.apps.gpu_report import DRY_PLAN, PARTS, REAL_PLAN, pick_budget, pick_epochs
+from berdiff.apps.gpu_report import DRY_PLAN, PARTS, REAL_PLAN, _printed_rows, pick_budget, pick_epochs
 from berdiff.apps.train_speed import train_speed
 from berdiff.data.brats import prepare_brats
 from tests.utils import ROOT
@@ -55,6 +56,16 @@ class TestGpuReportPlans(unittest.TestCase):
         self.assertEqual(pick_epochs(100.0, 5000, 10.0, 0.5, 400, 3), 1)
         self.assertEqual(pick_epochs(None, 50, 10.0, 0.5, 400, 3), 3)
         self.assertEqual(pick_epochs(1e6, 50, 10.0, 0.5, 400, 3), 400)
+
+    def test_printed_rows(self):
+        """A train_speed run stopped at its limit keeps the rows it printed."""
+        with tempfile.TemporaryDirectory() as tmp:
+            log = Path(tmp) / "x.log"
+            log.write_text('$ cmd\n{"stage": "autoencoder", "preset": "small", "legacy": 1.0, "fast": 2.0}\nnoise\n'
+                           '{"stage": "diffusion", "preset": "small", "legacy": 3.0, "fast": 4\n')
+            expected = [{"stage": "autoencoder", "preset": "small", "legacy": 1.0, "fast": 2.0}]
+            self.assertEqual(_printed_rows(log), expected)
+            self.assertEqual(_printed_rows(Path(tmp) / "missing.log"), [])
 
 
 class TestGpuReportDryRun(unittest.TestCase):

@@ -98,6 +98,8 @@ class ReportPlan:
         bench_efficiency: share of ``train_speed``'s fast rate the benchmark is expected to reach.
         brats_preset, prepare_args: the brats part's preset and extra ``prepare_brats`` flags.
         stage_train_s: training seconds per stage that the epoch count aims at.
+        brats_reserve_s: seconds of the brats part kept for what is not training (start-ups, inference, evaluation):
+            the stages get less than ``stage_train_s`` when the part has less than twice that plus this left.
         stage_efficiency: share of ``train_speed``'s fast rate a bundle epoch is expected to reach (validation,
             augmentation, epoch overheads).
         max_epochs_cap, fallback_epochs: epoch bounds; the fallback without rates.
@@ -124,6 +126,7 @@ class ReportPlan:
     brats_preset: str
     prepare_args: tuple[str, ...]
     stage_train_s: float
+    brats_reserve_s: float
     stage_efficiency: float
     max_epochs_cap: int
     fallback_epochs: int
@@ -160,7 +163,8 @@ REAL_PLAN = ReportPlan(
     bench_efficiency=0.6,
     brats_preset="reference",
     prepare_args=(),
-    stage_train_s=40.0,
+    stage_train_s=35.0,
+    brats_reserve_s=80.0,
     stage_efficiency=0.5,
     max_epochs_cap=400,
     fallback_epochs=20,
@@ -196,6 +200,7 @@ DRY_PLAN = ReportPlan(
     brats_preset="tiny",
     prepare_args=("--spatial_size", "32"),
     stage_train_s=1.0,
+    brats_reserve_s=0.0,
     stage_efficiency=0.5,
     max_epochs_cap=1,
     fallback_epochs=1,
@@ -325,8 +330,8 @@ def write_synthetic_brats(root: str | os.PathLike, names: Sequence[str], shape: 
     return list(names)
 
 
-def write_synthetic_slices(root: str | os.PathLike, num_train: int = 12, num_val: int = 8, size: Sequence[int] = (40, 36),
-                           seed: int = 0) -> None:
+def write_synthetic_slices(root: str | os.PathLike, num_train: int = 12, num_val: int = 8,
+                           size: Sequence[int] = (40, 36), seed: int = 0) -> None:
     """
     Tiny IXI-like folders for the dry run: ``root/train`` and ``root/val`` of 8-bit PNG heads (a bright ellipse with
     a darker inner ellipse and noise).
@@ -510,13 +515,35 @@ def _part_train_speed(p: _Part, plan: ReportPlan, py: str, out: Path, ctx: dict[
         rec = p.run(f"train_speed_{role}", cmd, limit_s=share, required=False)
         if rec["status"] == "ok" and json_path.exists():
             result = _read_json(json_path)
+        else:  # stopped or failed: the rows it printed (one JSON line per stage and preset) before that
+            rows = _printed_rows(p.log_dir / f"{rec['step']}.log")
+            result = {**{k: v for k, v in run.items() if k != "role"}, "rows": rows, "partial": True}
+        if result.get("rows"):
             ctx.update({f"speed_{r}": result for r in roles})
-            runs.append({"role": run["role"], **{k: result.get(k) for k in ("device", "batch_size", "size", "channels",
-                                                                      "iterations", "repeats", "torch")},
-                         "rows": [{k: v for k, v in r.items() if k != "runs"} for r in result.get("rows", [])]})
+        runs.append({"role": run["role"], "status": rec["status"],
+                     **{k: result.get(k) for k in ("device", "batch_size", "size", "channels", "iterations", "repeats",
+                                                   "torch", "partial")},
+                     "rows": [{k: v for k, v in r.items() if k != "runs"} for r in result.get("rows", [])]})
     p.results["runs"] = runs
-    if len(runs) < len(plan.speed_runs):
-        raise StepError(f"{len(plan.speed_runs) - len(runs)} of {len(plan.speed_runs)} train_speed runs failed")
+    failed = [r["role"] for r in runs if r["status"] != "ok"]
+    if failed:
+        raise StepError(f"train_speed runs {failed} did not finish (rows printed before the stop are kept)")
+
+
+def _printed_rows(log: Path) -> list[dict[str, Any]]:
+    """The result rows ``train_speed`` printed to ``log`` (one JSON object per line)."""
+    rows = []
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return rows
+    for line in lines:
+        if line.startswith('{"stage"'):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
 
 
 def _part_inference(p: _Part, plan: ReportPlan, py: str, out: Path, ctx: dict[str, Any]) -> None:
@@ -559,8 +586,11 @@ def _part_benchmark(p: _Part, plan: ReportPlan, py: str, out: Path, ctx: dict[st
         p.results["flops_per_sample"] = flops
         p.results["rates_samples_per_s"] = rates
     chosen = budget if budget is not None else (min(plan.bench_ladder) if rates else plan.bench_fallback)
-    p.results.update(budget_tflop=chosen, budget_rule="largest of the ladder predicted to fit" if budget is not None
-                     else ("smallest of the ladder (none predicted to fit)" if rates else "fallback: no train_speed rates"),
+    if budget is not None:
+        rule = "largest of the ladder predicted to fit"
+    else:
+        rule = "smallest of the ladder (none predicted to fit)" if rates else "fallback: no train_speed rates"
+    p.results.update(budget_tflop=chosen, budget_rule=rule,
                      predicted_train_s=predicted, ladder=list(plan.bench_ladder), size=plan.bench_size,
                      max_train_seconds=plan.bench_max_train_s)
     p.run("make_lesions", _berdiff(py, "make_lesions", str(ixi / "val"), str(work / "lesions"), "--seed", "0"))
@@ -600,9 +630,11 @@ def _part_brats(p: _Part, plan: ReportPlan, py: str, out: Path, ctx: dict[str, A
     p.results["counts"] = counts
     n_train = int(counts.get("training", {}).get("healthy_slices", 0))
     rates = _speed_rates(ctx.get("speed_reference"))
-    epochs = {stage: pick_epochs(rates.get(stage), n_train, plan.stage_train_s, plan.stage_efficiency,
+    # seconds per stage: the plan's, less when the part has less time left than the steps after training need
+    stage_s = max(1.0, min(plan.stage_train_s, (p.remaining() - plan.brats_reserve_s) / 2))
+    epochs = {stage: pick_epochs(rates.get(stage), n_train, stage_s, plan.stage_efficiency,
                                  plan.max_epochs_cap, plan.fallback_epochs) for stage in ("autoencoder", "diffusion")}
-    p.results.update(epochs=epochs, rates_samples_per_s=rates, preset=plan.brats_preset,
+    p.results.update(epochs=epochs, stage_train_s=stage_s, rates_samples_per_s=rates, preset=plan.brats_preset,
                      epoch_rule="from train_speed reference rates" if rates else "fallback: no train_speed rates")
     common = ["--dataset_dir", str(prepared), "--models_dir", str(models), "--preset", plan.brats_preset,
               "--device", plan.device]
@@ -757,7 +789,8 @@ def _machine() -> dict[str, Any]:
 
 def _commit(root: Path) -> str | None:
     try:
-        q = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        q = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                           timeout=10)
         return q.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -819,7 +852,8 @@ def gpu_report(
         if dry_run:
             data = work_dir / "data"
             write_synthetic_slices(data / "ixi_t1_midaxial")
-            write_synthetic_brats(data / "brats18_sample", [*BRATS_VAL_SUBJECTS, "Brats18_CBICA_AME_1", "Brats18_TCIA01_201_1"])
+            train_subjects = ["Brats18_CBICA_AME_1", "Brats18_TCIA01_201_1"]
+            write_synthetic_brats(data / "brats18_sample", [*BRATS_VAL_SUBJECTS, *train_subjects])
         else:
             data = Path(data_dir).resolve()
         ctx.update(ixi_src=data / "ixi_t1_midaxial", brats_src=data / "brats18_sample")
