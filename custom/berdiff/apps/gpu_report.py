@@ -800,6 +800,7 @@ def gpu_report(
     out: str | None = None,
     dry_run: bool = False,
     data_dir: str = ".data",
+    synthetic: bool | None = None,
     work: str | None = None,
     parts: Sequence[str] | str = PARTS,
     total_s: float | None = None,
@@ -810,7 +811,10 @@ def gpu_report(
     Args:
         out: output folder (default ``$OUT``, else ``outputs/gpu_report``).
         dry_run: the CPU check with tiny sizes and synthetic data (:data:`DRY_PLAN`) instead of :data:`REAL_PLAN`.
-        data_dir: folder with ``ixi_t1_midaxial/{train,val}`` and ``brats18_sample/<case>/`` (real run only).
+        data_dir: folder with ``ixi_t1_midaxial/{train,val}`` and ``brats18_sample/<case>/`` (not read with
+            ``synthetic``).
+        synthetic: make tiny synthetic data in ``work`` instead of reading ``data_dir`` (default: with ``dry_run``);
+            ``dry_run=True, synthetic=False`` checks the real data's steps on the CPU.
         work: scratch folder for data, checkpoints and maps (default: a new temporary folder, removed at the end).
         parts: the parts to run (default all, in the order of :data:`PARTS`); the others are recorded as skipped.
         total_s: the whole report's limit in seconds (default the plan's).
@@ -830,8 +834,10 @@ def gpu_report(
         raise ValueError(f"unknown parts {unknown}; choose from {list(PARTS)}.")
     total = float(total_s if total_s is not None else plan.total_s)
     start = time.monotonic()
+    synthetic = dry_run if synthetic is None else bool(synthetic)
     report: dict[str, Any] = {
-        "mode": "dry run (CPU, tiny sizes, synthetic data)" if dry_run else "GPU run",
+        "mode": ("dry run (CPU, tiny sizes, " + ("synthetic data)" if synthetic else f"data of {data_dir})")
+                 if dry_run else "GPU run" + (" on synthetic data" if synthetic else "")),
         "started_utc": _utc(), "commit": _commit(root), "plan": dataclasses.asdict(plan), "total_limit_s": total,
         "parts": {},
     }
@@ -849,7 +855,7 @@ def gpu_report(
     ctx: dict[str, Any] = {"work": work_dir, "bundle": (root / _BUNDLE).resolve()}
     try:
         report["machine"] = _machine()
-        if dry_run:
+        if synthetic:
             data = work_dir / "data"
             write_synthetic_slices(data / "ixi_t1_midaxial")
             train_subjects = ["Brats18_CBICA_AME_1", "Brats18_TCIA01_201_1"]
