@@ -53,6 +53,13 @@ class TestAutoencoderCheck(TempDirMixin, unittest.TestCase):
         keys = ("autoencoder_only_auroc", "autoencoder_only_auprc", "residual_contrast", "healthy_psnr_db")
         self.assertEqual([a[k] for k in keys], [b[k] for k in keys])
         self.assertTrue(0.0 <= a["autoencoder_only_auroc"] <= 1.0 and a["residual_contrast"] > 0)
+        # the brain bundle's residual rule: the FLAIR channel only, brighter than the reconstruction
+        c = autoencoder_check(prepared, stage_one, preset="tiny", residual_sign="positive", residual_channels=["flair"],
+                              verbose=False)
+        self.assertEqual(c["residual"], {"sign": "positive", "channels": ["flair"]})
+        self.assertNotEqual(c["autoencoder_only_auprc"], a["autoencoder_only_auprc"])
+        with self.assertRaisesRegex(ValueError, "residual channels"):
+            autoencoder_check(prepared, stage_one, preset="tiny", residual_channels=["dwi"], verbose=False)
         with self.assertRaisesRegex(ValueError, "does not hold a 'small' autoencoder"):
             autoencoder_check(prepared, stage_one, preset="small")
         with self.assertRaisesRegex(ValueError, "split"):

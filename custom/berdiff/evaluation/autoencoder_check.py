@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,8 @@ def autoencoder_check(
     batch_size: int = 32,
     out: str | None = None,
     verbose: bool = True,
+    residual_sign: str = "both",
+    residual_channels: str | Sequence[str] = "all",
 ) -> dict[str, Any]:
     """
     Reconstructs the prepared slices with a trained autoencoder and reports: the PSNR on the healthy slices of
@@ -96,6 +99,10 @@ def autoencoder_check(
         batch_size: slices per network call.
         out: optional JSON file for the result.
         verbose: print the result as one JSON line.
+        residual_sign: which sign of ``input - reconstruction`` the residual counts
+            (:class:`berdiff.residual.ResidualSign`; ``both``: the paper's squared residual).
+        residual_channels: the channels summed in the residual, by the names of the datalist's ``modalities``
+            (``all``: every channel), e.g. ``[flair]`` as the brain bundle's inference uses by default.
 
     Raises:
         ValueError: unknown split, no diseased slices, weights that do not fit.
@@ -125,7 +132,11 @@ def autoencoder_check(
                 for i in range(0, len(x), batch_size)
             ]).float()
 
-    residual = (reconstruct(images) - images).pow(2).sum(1, keepdim=True)
+    from berdiff.residual import channel_weights_for, residual_map
+
+    channels = datalist.get("modalities") or [f"c{i}" for i in range(images.shape[1])]
+    channel_weights = channel_weights_for(channels, residual_channels)
+    residual = residual_map(reconstruct(images), images, residual_sign, channel_weights)
     brain = images.amax(1, keepdim=True) > 0
     result: dict[str, Any] = {
         "weights": os.path.abspath(weights),
@@ -134,6 +145,7 @@ def autoencoder_check(
         "autoencoder_only_auroc": round(pixel_auroc(residual, labels, brain), 4),
         "autoencoder_only_auprc": round(pixel_auprc(residual, labels, brain), 4),
         "residual_contrast": round(residual_contrast(residual, labels, brain.float()), 3),
+        "residual": {"sign": str(residual_sign), "channels": residual_channels},
     }
     if healthy:
         x = _stack(prepared, healthy, "image")

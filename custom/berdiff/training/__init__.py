@@ -19,6 +19,7 @@ from berdiff.training.codes import encode_dataset, code_loader, diffusion_loader
 from berdiff.training.datalist import prepared_grid, training_datalist
 from berdiff.training.distributed import init_distributed
 from berdiff.training.ema import WarmupEMAHandler, LossMonitor
+from berdiff.training.recipes import TRAINING_RECIPES, Stage, training_recipe
 from berdiff.training.trainers import (
     Precision,
     LearningRateRule,
@@ -55,4 +56,7 @@ __all__ = [
     "export_pipeline",
     "ExportPipeline",
     "init_distributed",
+    "TRAINING_RECIPES",
+    "Stage",
+    "training_recipe",
 ]
