@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "autoencoder_check": "berdiff.evaluation.autoencoder_check:autoencoder_check",
     "make_demo_data": "berdiff.data.synthetic:make_demo_data",
     "demo": "berdiff.apps.demo:demo",
+    "brats_study": "berdiff.apps.brats_study:brats_study",
     "make_lesions": "berdiff.data.lesions:make_lesions",
     "benchmark": "berdiff.apps.benchmark:benchmark",
     "train_speed": "berdiff.apps.train_speed:train_speed",
