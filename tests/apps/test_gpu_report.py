@@ -56,6 +56,7 @@ class TestGpuReportPlans(unittest.TestCase):
         self.assertEqual(pick_epochs(100.0, 5000, 10.0, 0.5, 400, 3), 1)
         self.assertEqual(pick_epochs(None, 50, 10.0, 0.5, 400, 3), 3)
         self.assertEqual(pick_epochs(1e6, 50, 10.0, 0.5, 400, 3), 400)
+        self.assertEqual(pick_epochs(1e6, 50, 10.0, 0.5, 400, 3, epoch_overhead_s=0.5), 19)
 
     def test_printed_rows(self):
         """A train_speed run stopped at its limit keeps the rows it printed."""

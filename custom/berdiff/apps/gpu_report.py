@@ -100,8 +100,9 @@ class ReportPlan:
         stage_train_s: training seconds per stage that the epoch count aims at.
         brats_reserve_s: seconds of the brats part kept for what is not training (start-ups, inference, evaluation):
             the stages get less than ``stage_train_s`` when the part has less than twice that plus this left.
-        stage_efficiency: share of ``train_speed``'s fast rate a bundle epoch is expected to reach (validation,
-            augmentation, epoch overheads).
+        stage_efficiency: share of ``train_speed``'s fast rate a bundle epoch is expected to reach (augmentation,
+            smaller batches).
+        epoch_overhead_s: seconds per epoch besides its iterations (validation, checkpoints).
         max_epochs_cap, fallback_epochs: epoch bounds; the fallback without rates.
     """
 
@@ -128,6 +129,7 @@ class ReportPlan:
     stage_train_s: float
     brats_reserve_s: float
     stage_efficiency: float
+    epoch_overhead_s: float
     max_epochs_cap: int
     fallback_epochs: int
 
@@ -164,8 +166,9 @@ REAL_PLAN = ReportPlan(
     brats_preset="reference",
     prepare_args=(),
     stage_train_s=35.0,
-    brats_reserve_s=80.0,
+    brats_reserve_s=90.0,
     stage_efficiency=0.5,
+    epoch_overhead_s=0.5,
     max_epochs_cap=400,
     fallback_epochs=20,
 )
@@ -202,6 +205,7 @@ DRY_PLAN = ReportPlan(
     stage_train_s=1.0,
     brats_reserve_s=0.0,
     stage_efficiency=0.5,
+    epoch_overhead_s=0.0,
     max_epochs_cap=1,
     fallback_epochs=1,
 )
@@ -473,14 +477,16 @@ def pick_budget(rates: Mapping[str, float], flops: Mapping[str, float], ladder: 
 
 
 def pick_epochs(rate: float | None, num_slices: int, train_s: float, efficiency: float, cap: int,
-                fallback: int) -> int:
+                fallback: int, epoch_overhead_s: float = 0.0) -> int:
     """
-    Epochs of ``num_slices`` slices that ``train_s`` seconds buy at ``efficiency`` x ``rate`` samples/s, in
-    [1, ``cap``]; ``fallback`` (capped) without a rate or slices.
+    Epochs of ``num_slices`` slices that ``train_s`` seconds buy at ``efficiency`` x ``rate`` samples/s plus
+    ``epoch_overhead_s`` per epoch (validation, checkpoints), in [1, ``cap``]; ``fallback`` (capped) without a rate
+    or slices.
     """
     if not rate or rate <= 0 or num_slices <= 0:
         return max(1, min(int(fallback), int(cap)))
-    return max(1, min(int(cap), int(train_s * rate * efficiency // num_slices)))
+    per_epoch = num_slices / (rate * efficiency) + max(0.0, epoch_overhead_s)
+    return max(1, min(int(cap), int(train_s // per_epoch)))
 
 
 # --------------------------------------------------------------------------------------------------- parts
@@ -557,7 +563,14 @@ def _part_inference(p: _Part, plan: ReportPlan, py: str, out: Path, ctx: dict[st
            "--dataset_dir", str(vol_dir), "--output_dir", str(maps), "--preset", plan.inference_preset,
            "--device", plan.device, "--allow_random_weights", "True", "--ckpt_path", str(work / "none.pt"),
            "--num_workers", str(plan.inference_workers), *plan.inference_args]
-    rec = p.run("bundle_inference", cmd, cwd=str(ctx["bundle"]))
+    rec = p.run("bundle_inference", cmd, cwd=str(ctx["bundle"]), required=plan.inference_workers == 0)
+    if rec["status"] == "failed":  # e.g. too little shared memory for loader workers: once more without them
+        shutil.rmtree(maps, ignore_errors=True)
+        cmd[cmd.index("--num_workers") + 1] = "0"
+        rec = p.run("bundle_inference_no_workers", cmd, cwd=str(ctx["bundle"]))
+        p.results["num_workers"] = 0
+    elif rec["status"] != "ok":
+        raise StepError(f"step bundle_inference {rec['status']}")
     summary = _read_json(maps / "run_summary.json")
     _copy(maps / "run_summary.json", out / "inference" / "run_summary.json")
     keep = ("status", "wall_time_s", "num_cases", "num_slices", "slices_per_s", "cases_per_s", "time_split_s",
@@ -632,8 +645,8 @@ def _part_brats(p: _Part, plan: ReportPlan, py: str, out: Path, ctx: dict[str, A
     rates = _speed_rates(ctx.get("speed_reference"))
     # seconds per stage: the plan's, less when the part has less time left than the steps after training need
     stage_s = max(1.0, min(plan.stage_train_s, (p.remaining() - plan.brats_reserve_s) / 2))
-    epochs = {stage: pick_epochs(rates.get(stage), n_train, stage_s, plan.stage_efficiency,
-                                 plan.max_epochs_cap, plan.fallback_epochs) for stage in ("autoencoder", "diffusion")}
+    epochs = {stage: pick_epochs(rates.get(stage), n_train, stage_s, plan.stage_efficiency, plan.max_epochs_cap,
+                                 plan.fallback_epochs, plan.epoch_overhead_s) for stage in ("autoencoder", "diffusion")}
     p.results.update(epochs=epochs, stage_train_s=stage_s, rates_samples_per_s=rates, preset=plan.brats_preset,
                      epoch_rule="from train_speed reference rates" if rates else "fallback: no train_speed rates")
     common = ["--dataset_dir", str(prepared), "--models_dir", str(models), "--preset", plan.brats_preset,
@@ -868,6 +881,7 @@ def gpu_report(
             rec: dict[str, Any] = {"status": "skipped"}
             report["parts"][name] = rec
             if name not in wanted:
+                rec["error"] = "not in --parts"
                 continue
             left = total - (time.monotonic() - start)
             limit = min(plan.part_s[name], left)
