@@ -13,6 +13,7 @@ import numpy as np
 
 from berdiff.data.brats import (
     DATALIST_NAME,
+    VALIDATION_VOLUMES_NAME,
     axial_slice_range,
     prepare_brats,
     split_subjects,
@@ -104,6 +105,13 @@ class TestPrepareBrats(unittest.TestCase):
             dl = json.load(f)
         self.assertEqual(dl["subjects"]["validation"], [self.names[0], self.names[2]])
         self.assertEqual(dl["subjects"]["training"], [self.names[1], self.names[3]])
+        # the held-out volumes as an inference / evaluation datalist
+        with open(os.path.join(self.out, VALIDATION_VOLUMES_NAME)) as f:
+            testing = json.load(f)["testing"]
+        self.assertEqual([os.path.basename(t["label"]) for t in testing],
+                         [f"{self.names[0]}_seg.nii.gz", f"{self.names[2]}_seg.nii.gz"])
+        self.assertEqual([len(t["image"]) for t in testing], [4, 4])
+        self.assertTrue(all(os.path.isabs(p) and os.path.isfile(p) for t in testing for p in t["image"]))
         with self.assertRaisesRegex(ValueError, "val_subjects not found"):
             prepare_brats(self.src, self.out, val_subjects=["nobody"], spatial_size=32)
 

@@ -15,6 +15,10 @@ relative paths): ``training`` / ``validation`` = healthy slices of the train / v
 ``subject``, ``slice``); ``training_diseased`` / ``validation_diseased`` = diseased slices (with ``label``);
 ``subjects`` = the subject ids per split; ``volumes`` = the source files per split (absolute ``image`` list and
 ``label``) for volume-level evaluation; ``counts`` and the preparation settings.
+
+``validation_volumes.json`` lists the validation subjects' source volumes as ``{"testing": [{"image": [t1, t1ce, t2,
+flair], "label": seg}, ...]}`` (absolute paths): the held-out cases for bundle inference (``--datalist``) and
+``python -m berdiff evaluate`` (``--label``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from berdiff.validation.errors import root_cause
 
 __all__ = [
     "DATALIST_NAME",
+    "VALIDATION_VOLUMES_NAME",
     "REFERENCE_DEPTH",
     "REFERENCE_EXCLUDE_LOWER",
     "REFERENCE_EXCLUDE_UPPER",
@@ -46,6 +51,9 @@ __all__ = [
 
 #: file name of the datalist written by :func:`prepare_brats`
 DATALIST_NAME = "datalist.json"
+#: file name of the validation subjects' volumes written by :func:`prepare_brats`: a datalist for bundle inference
+#: (``--datalist``) and ``python -m berdiff evaluate`` (``--label``)
+VALIDATION_VOLUMES_NAME = "validation_volumes.json"
 #: the reference's slice rule: of the 155 axial slices of a BraTS volume, exclude the lowest 80 and the uppermost 26
 REFERENCE_DEPTH = 155
 REFERENCE_EXCLUDE_LOWER = 80
@@ -239,11 +247,14 @@ def prepare_brats(
             **lists,
         }
         atomic_write_json(datalist, os.path.join(staging, DATALIST_NAME), indent=1)
+        testing = [{"image": v["image"], "label": v["label"]} for v in volumes["validation"]]
+        atomic_write_json({"testing": testing}, os.path.join(staging, VALIDATION_VOLUMES_NAME), indent=1)
         # publish: replace an earlier output only now that everything succeeded
         final_slices = os.path.join(out, "slices")
         if os.path.isdir(final_slices):
             shutil.rmtree(final_slices)
         os.replace(os.path.join(staging, "slices"), final_slices)
+        os.replace(os.path.join(staging, VALIDATION_VOLUMES_NAME), os.path.join(out, VALIDATION_VOLUMES_NAME))
         os.replace(os.path.join(staging, DATALIST_NAME), os.path.join(out, DATALIST_NAME))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
