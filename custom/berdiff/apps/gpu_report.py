@@ -794,9 +794,12 @@ def _machine() -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - recorded, not fatal
         info["torch_error"] = repr(e)
     if shutil.which("nvidia-smi"):
-        q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=30)
-        info["gpu"] = q.stdout.strip() or None
+        try:
+            q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=30)
+            info["gpu"] = q.stdout.strip() or None
+        except (OSError, subprocess.SubprocessError) as e:
+            info["gpu_error"] = repr(e)
     return info
 
 
