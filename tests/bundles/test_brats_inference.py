@@ -142,7 +142,7 @@ class TestBratsInferenceOptions(TempDirMixin, unittest.TestCase):
         nib.save(nib.Nifti1Image(vol, NON_RAS_AFFINE), path)
         threshold_file = os.path.join(self.tmp, "calibration.json")
         with open(threshold_file, "w") as f:
-            json.dump({"threshold": 0.05, "rule": "anomaly_map > threshold (raw map)"}, f)
+            json.dump({"threshold": 1e-6, "rule": "anomaly_map > threshold (raw map)"}, f)
         wf, _ = run_workflow(
             self.tmp, image=path, threshold_file=threshold_file, save_reconstruction=True,
             displayable_configs={"binarize_output": False},
@@ -153,8 +153,9 @@ class TestBratsInferenceOptions(TempDirMixin, unittest.TestCase):
         )
         amap = nib.load(os.path.join(self.out, "case7_anomaly.nii.gz")).get_fdata(dtype=np.float32)
         mask = np.asarray(nib.load(os.path.join(self.out, "case7_anomaly_mask.nii.gz")).dataobj)
-        np.testing.assert_array_equal(mask, (amap > 0.05).astype(np.uint8))
+        np.testing.assert_array_equal(mask, (amap > 1e-6).astype(np.uint8))
         self.assertGreater(mask.sum(), 0)
+        self.assertLess(mask.sum(), mask.size)
         recon = nib.load(os.path.join(self.out, "case7_reconstruction.nii.gz"))
         self.assertEqual(recon.shape, (*SHAPE, 4))
         np.testing.assert_allclose(recon.affine, NON_RAS_AFFINE, atol=1e-5)
@@ -162,7 +163,7 @@ class TestBratsInferenceOptions(TempDirMixin, unittest.TestCase):
         self.assertTrue(torch.is_floating_point(torch.as_tensor(wf.evaluator.state.output[0]["pred"])))
         with open(os.path.join(self.out, "run_summary.json")) as f:
             threshold = json.load(f)["settings"]["threshold"]
-        self.assertEqual((threshold["mode"], threshold["value"]), ("calibrated", 0.05))
+        self.assertEqual((threshold["mode"], threshold["value"]), ("calibrated", 1e-6))
 
     def test_all_zero_volume_gives_zero_maps(self):
         files = make_case(os.path.join(self.tmp, "data"), "empty", value=0.0)

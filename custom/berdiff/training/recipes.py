@@ -25,19 +25,23 @@ class Stage(StrEnum):
 
 
 #: preset -> stage -> knob -> value (``learning_rate`` is for ``batch_size``; other batch sizes scale it by the
-#: config's ``lr_rule``)
+#: config's ``lr_rule``; ``train_max_timestep``: stage-2 timesteps drawn from ``[0, N)``, None for all T, so that a
+#: short run trains the timesteps inference visits, ``t < L``)
 TRAINING_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "reference": {
         "autoencoder": {"batch_size": 24, "learning_rate": 1.08e-4, "max_epochs": 100, "ema_momentum": 0.0005},
-        "diffusion": {"batch_size": 36, "learning_rate": 1.0e-4, "max_epochs": 100, "ema_momentum": 0.001},
+        "diffusion": {"batch_size": 36, "learning_rate": 1.0e-4, "max_epochs": 100, "ema_momentum": 0.001,
+                      "train_max_timestep": None},
     },
     "small": {
         "autoencoder": {"batch_size": 8, "learning_rate": 2.0e-3, "max_epochs": 20, "ema_momentum": 0.02},
-        "diffusion": {"batch_size": 32, "learning_rate": 1.0e-3, "max_epochs": 60, "ema_momentum": 0.02},
+        "diffusion": {"batch_size": 32, "learning_rate": 1.0e-3, "max_epochs": 60, "ema_momentum": 0.02,
+                      "train_max_timestep": 200},
     },
     "tiny": {
         "autoencoder": {"batch_size": 8, "learning_rate": 2.0e-3, "max_epochs": 2, "ema_momentum": 0.02},
-        "diffusion": {"batch_size": 8, "learning_rate": 1.0e-3, "max_epochs": 2, "ema_momentum": 0.02},
+        "diffusion": {"batch_size": 8, "learning_rate": 1.0e-3, "max_epochs": 2, "ema_momentum": 0.02,
+                      "train_max_timestep": None},
     },
 }
 
