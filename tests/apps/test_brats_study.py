@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from berdiff.apps.brats_study import brats_study, default_map_rules, load_subject_volumes
+from berdiff.apps.brats_study import GRID_MAPS, brats_study, default_map_rules, load_subject_volumes
 from berdiff.networks import autoencoder_from_preset, denoiser_from_preset
 from berdiff.training import export_pipeline
 from tests.utils import TempDirMixin
@@ -71,7 +71,7 @@ class TestBratsStudy(TempDirMixin, unittest.TestCase):
         export_pipeline(ae, denoiser_from_preset("tiny", latent_channels=ae.latent_channels),
                         str(root / "model" / "models" / "model.pt"), preset="tiny", spatial_size=SIZE)
         with redirect_stdout(io.StringIO()) as buf:
-            res = brats_study(str(prep), str(root / "model"), str(root / "out"), noise_levels=[4],
+            res = brats_study(str(prep), str(root / "model"), str(root / "out"), noise_levels=[4, 2],
                               prob_thresholds=[0.5], num_inference_steps=[2], slice_start=0, slice_stop=6,
                               n_resamples=200)
         self.assertIn("brats_study: model L=4 P=0.5 K=2", buf.getvalue())
@@ -81,6 +81,9 @@ class TestBratsStudy(TempDirMixin, unittest.TestCase):
         for name in ("default", "paper", "learned", "autoencoder_default", "latent_confident_change", "input_t1"):
             self.assertIn(name, run["maps"])
         self.assertEqual(run["comparisons"]["paper"]["input_flair"]["volume_auprc"]["n"], 2)
+        # the rest of the grid scores the main maps only
+        self.assertEqual(res["runs"][1]["noise_level"], 2)
+        self.assertEqual(sorted(res["runs"][1]["maps"]), sorted([*GRID_MAPS, "latent_confident_change", "input_flair"]))
         md = (root / "out" / "study.md").read_text()
         self.assertIn("| input_flair |", md)
         saved = json.loads((root / "out" / "study.json").read_text())

@@ -39,10 +39,12 @@ import torch
 
 from berdiff.utils import MODALITIES, atomic_write_files, to_json_safe
 
-__all__ = ["MapRule", "brats_study", "default_map_rules", "load_subject_volumes"]
+__all__ = ["GRID_MAPS", "MapRule", "brats_study", "default_map_rules", "load_subject_volumes"]
 
 #: the rule of one map: residual sign, channels (None: all), intensity prior channel name, latent weighting
 MapRule = dict
+#: the maps scored at every (L, P, K) of the grid (every map is scored at the first setting of each model)
+GRID_MAPS = ["default", "learned", "paper", "residual_positive_flair", "autoencoder_default"]
 
 
 def default_map_rules(inference_config: Mapping[str, Any]) -> dict[str, MapRule]:
@@ -194,7 +196,7 @@ def _score(maps: Mapping[str, Mapping[str, np.ndarray]], volumes: Mapping[str, M
     summary = {name: summarise_map(scored, name) for name in maps}
     comparisons = {}
     for method in maps:
-        refs = [r for r in comparisons_against if r != method]
+        refs = [r for r in comparisons_against if r != method and r in maps]
         comparisons[method] = compare_maps(scored, method=method, references=refs, n_resamples=n_resamples)
     return {"maps": summary, "comparisons": comparisons}
 
@@ -298,11 +300,14 @@ def brats_study(
                     start = time.perf_counter()
                     nets = {s: _run_networks(pipe, v["image"], batch_size, dev) for s, v in volumes.items()}
                     seconds = time.perf_counter() - start
-                    maps = {name: {s: _apply_rule(rule, volumes[s]["image"], nets[s], floor) for s in volumes}
-                            for name, rule in rules.items()}
+                    # every map for the first setting of each model, the main ones for the rest of the grid
+                    names = list(rules) if not runs or runs[-1]["model"] != str(model_dir) else GRID_MAPS
+                    maps = {name: {s: _apply_rule(rules[name], volumes[s]["image"], nets[s], floor) for s in volumes}
+                            for name in names}
                     maps["latent_confident_change"] = {s: nets[s]["cc"] for s in volumes}
-                    maps["latent_code_change"] = {s: nets[s]["code_change"] for s in volumes}
-                    maps.update(inputs)
+                    if names is not GRID_MAPS:
+                        maps["latent_code_change"] = {s: nets[s]["code_change"] for s in volumes}
+                    maps.update(inputs if names is not GRID_MAPS else {reference: inputs[reference]})
                     scores = _score(maps, volumes, [reference, "autoencoder_default", "autoencoder_learned"],
                                     n_resamples)
                     runs.append({"model": str(model_dir), "noise_level": L, "prob_threshold": P,
