@@ -25,6 +25,8 @@ COMMANDS: dict[str, str] = {
     "benchmark": "berdiff.apps.benchmark:benchmark",
     "train_speed": "berdiff.apps.train_speed:train_speed",
     "speed": "berdiff.apps.speed:speed",
+    "oct_validation": "berdiff.apps.oct_validation:oct_validation",
+    "oct_sweep": "berdiff.apps.oct_sweep:oct_sweep",
     "build_bundle": "berdiff.apps.release:build_bundle",
     "build_bundles": "berdiff.apps.release:build_bundles",
     "gpu_report": "berdiff.apps.gpu_report:gpu_report",

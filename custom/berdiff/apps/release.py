@@ -29,7 +29,7 @@ from berdiff.utils import atomic_write
 __all__ = ["BUNDLES", "PACKAGE_NAME", "repository_root", "sha256sum", "build_bundle", "build_bundles"]
 
 #: the bundles of this repository (folder names under ``bundles/``)
-BUNDLES: tuple[str, ...] = ("brats_mri_bernoulli_anomaly", "ixi_t1_bernoulli_anomaly")
+BUNDLES: tuple[str, ...] = ("brats_mri_bernoulli_anomaly", "ixi_t1_bernoulli_anomaly", "oct_bernoulli_anomaly")
 #: the package vendored at the root of every built bundle
 PACKAGE_NAME = "berdiff"
 #: files and folders of a bundle folder that are never released (run outputs, stage checkpoints, caches)

@@ -1,0 +1,153 @@
+# SPDX-License-Identifier: Apache-2.0
+# Copyright (c) berdiff contributors
+"""
+The tuning sweep of the OCT bundle's inference settings: ``python -m berdiff oct_sweep --bundle_root B --val_dir
+OCT_DIR/val --out sweep.json``.
+
+The trained pipeline (``B/models/model.pt`` and ``model.json``) runs once per (L, P) on every validation scan, on the
+bundle's grid (:func:`berdiff.data.oct.prepare_scan`); every map it produces is scored with every
+:class:`berdiff.io.oct.ImageScore` and smoothing ``sigma``, and the image-level AUROC is computed on the *tuning*
+split only (:func:`berdiff.apps.oct_validation.validation_items`). The untouched split's scans are run too (the same
+networks), but their labels are not read here: choose the settings from this sweep's table, then measure them with
+``configs/inference.yaml`` and ``python -m berdiff oct_validation``.
+
+Maps: ``anomaly`` (the residual weighted by a latent map, ``latent_weighting``), ``residual`` (the paper's
+map: the residual alone), ``autoencoder`` (no diffusion), and the latent maps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from berdiff.apps.oct_validation import validation_items
+from berdiff.data.oct import DEFAULT_BAND_RATIO, prepare_scan, read_scan
+from berdiff.io.oct import ImageScore, image_score
+from berdiff.utils import atomic_write_json
+
+__all__ = ["SWEEP_MAPS", "load_oct_pipeline", "oct_sweep"]
+
+#: the pipeline outputs the sweep scores, by the name used in its table
+SWEEP_MAPS: dict[str, str] = {
+    "anomaly": "anomaly_map",
+    "residual": "residual_map",
+    "autoencoder": "autoencoder_map",
+    "latent_confident_change": "latent_confident_change",
+    "latent_code_change": "latent_code_change",
+    "latent_changed_bits": "latent_changed_bits",
+    "latent_mask_fraction": "latent_mask_fraction",
+    "latent_flip_probability": "latent_flip_probability",
+}
+
+
+def load_oct_pipeline(bundle_root: str, device: str | torch.device = "cpu", **settings: Any) -> tuple[Any, dict]:
+    """
+    The bundle's trained :class:`~berdiff.networks.AnomalyPipeline` (sizes from ``models/model.json``).
+
+    Args:
+        bundle_root: the bundle folder holding ``models/model.pt`` and ``models/model.json``.
+        device: where it runs.
+        settings: other :class:`~berdiff.networks.AnomalyPipeline` arguments (noise_level, prob_threshold, ...).
+
+    Returns:
+        ``(pipeline, description)``.
+    """
+    from berdiff.io.checkpoints import load_pipeline_weights
+    from berdiff.model_description import read_model_description
+    from berdiff.networks import AnomalyPipeline, autoencoder_from_preset, denoiser_from_preset
+    from berdiff.schedulers import BernoulliScheduler
+
+    ckpt = os.path.join(bundle_root, "models", "model.pt")
+    desc = read_model_description(ckpt, required=True)
+    pipe = AnomalyPipeline(
+        autoencoder_from_preset(desc["preset"], in_channels=desc["in_channels"]),
+        denoiser_from_preset(desc["preset"], latent_channels=desc["latent_channels"]),
+        BernoulliScheduler(num_train_timesteps=desc["num_train_timesteps"], prediction_type=desc["prediction_type"]),
+        **settings,
+    )
+    load_pipeline_weights(pipe, ckpt, map_location="cpu")
+    return pipe.to(device).eval(), desc
+
+
+def oct_sweep(
+    bundle_root: str,
+    val_dir: str,
+    out: str | None = None,
+    noise_levels: Sequence[int] = (100, 200, 300, 400, 500),
+    prob_thresholds: Sequence[float] = (0.2, 0.5, 0.8),
+    num_inference_steps: int = 10,
+    sigmas: Sequence[float] = (0.0, 1.0, 2.0, 4.0),
+    band_ratio: float = DEFAULT_BAND_RATIO,
+    batch_size: int = 16,
+    device: str | None = None,
+    seed: int = 0,
+    latent_weighting: str = "confident_change",
+) -> dict[str, Any]:
+    """
+    Tuning-split AUROC of every (L, P, map, statistic, sigma) (module docstring).
+
+    Args:
+        bundle_root: the bundle folder with the trained weights.
+        val_dir: the validation folder (``NORMAL/`` and abnormal class folders).
+        out: JSON file for every row (None: not written).
+        noise_levels: the L values (each <= the weights' train_max_timestep).
+        prob_thresholds: the P values.
+        num_inference_steps: K (capped at L).
+        sigmas: the smoothing of the image score, in grid pixels.
+        band_ratio: the retina band of training.
+        batch_size: scans per network call.
+        device: e.g. ``cuda``; None: CUDA when available.
+        seed: the pipeline's seed.
+        latent_weighting: the latent map that weights the ``anomaly`` map (a :class:`~berdiff.sampling.LatentMap`).
+
+    Returns:
+        ``{"best": {map: row}, "settings": ...}`` (the best row of each map; every row is in ``out``); a row holds
+        L, P, map, statistic, sigma, tuning_auroc.
+    """
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    items = validation_items(val_dir)
+    tuning = [k for k, i in enumerate(items) if i["split"] == "tuning"]
+    labels = [items[k]["label"] for k in tuning]
+    from berdiff.networks import AnomalyPipeline
+
+    trained, desc = load_oct_pipeline(bundle_root, dev)
+    grids = torch.stack(
+        [torch.as_tensor(prepare_scan(read_scan(i["image"]), desc["spatial_size"], band_ratio)[0])[None] for i in items]
+    )
+    rows: list[dict[str, Any]] = []
+    for L, P in itertools.product(noise_levels, prob_thresholds):
+        start = time.time()
+        pipe = AnomalyPipeline(
+            trained.autoencoder, trained.unet, trained.scheduler, noise_level=int(L), prob_threshold=float(P),
+            num_inference_steps=min(int(num_inference_steps), int(L)), latent_weighting=latent_weighting,
+            output_keys=tuple(SWEEP_MAPS.values()), seed=seed,
+        ).eval()
+        outputs: dict[str, list[np.ndarray]] = {k: [] for k in SWEEP_MAPS}
+        for b in range(0, len(items), batch_size):
+            res = pipe.run(grids[b : b + batch_size].to(dev))
+            for name, key in SWEEP_MAPS.items():
+                outputs[name] += list(res[key][:, 0].float().cpu().numpy())
+        for name, stat, sigma in itertools.product(SWEEP_MAPS, [m.value for m in ImageScore], sigmas):
+            scores = [image_score(outputs[name][k], stat, sigma) for k in tuning]
+            rows.append({"noise_level": int(L), "prob_threshold": float(P), "map": name, "statistic": stat,
+                         "sigma": float(sigma), "tuning_auroc": float(roc_auc_score(labels, scores))})
+        print(f"L={L} P={P}: {time.time() - start:.1f} s", flush=True)
+    best: dict[str, Any] = {}
+    for row in rows:
+        if row["map"] not in best or row["tuning_auroc"] > best[row["map"]]["tuning_auroc"]:
+            best[row["map"]] = row
+    for name, row in best.items():
+        print(f"best {name:26s} tuning AUROC {row['tuning_auroc']:.3f}: L={row['noise_level']} "
+              f"P={row['prob_threshold']} {row['statistic']} sigma={row['sigma']}")
+    settings = {"num_inference_steps": num_inference_steps, "seed": seed, "latent_weighting": latent_weighting,
+                "n_tuning": len(tuning)}
+    if out:
+        atomic_write_json({"rows": rows, "best": best, "settings": settings}, out)
+    return {"best": best, "settings": settings}
