@@ -123,10 +123,12 @@ class TestOctTrainingAndInference(TempDirClassMixin, unittest.TestCase):
 
         with contextlib.redirect_stdout(io.StringIO()):
             result = oct_validation(os.path.join(out, "scores.csv"), val, out=os.path.join(self.tmp, "val.json"),
-                                    spatial_size=GRID, n_resamples=20)
+                                    spatial_size=GRID, n_resamples=20,
+                                    figure=os.path.join(self.tmp, "overview.png"))
         table = result["splits"]["all"]
         self.assertEqual(table["score"]["n"], 4)
         self.assertIn("ref_raw_mean", table)
+        self.assertTrue(os.path.isfile(os.path.join(self.tmp, "overview.png")))
         self.assertTrue(0.0 <= table["score"]["auroc"] <= 1.0)
         bundle = os.path.join(self.tmp, "bundle")
         os.makedirs(bundle)

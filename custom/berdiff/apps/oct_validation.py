@@ -7,6 +7,8 @@ abnormal): ``python -m berdiff oct_validation --scores OUT/scores.csv --val_dir 
 - **Splits** (:func:`split_of`): within each class the scans are sorted by file name; even positions (0, 2, ...) form
   the *tuning* split, odd positions the *untouched* split. Settings are chosen on the tuning split only
   (:func:`berdiff.apps.oct_sweep.sweep`) and the untouched split is reported.
+- **Figure** (:func:`overview_figure`, ``--figure``): normal and abnormal scans (the highest, median and lowest score
+  of each class) beside their anomaly maps, written into the run's output (it shows the data: do not commit it).
 - **Metrics**: AUROC and AUPRC (sklearn, abnormal = positive) of every score column of ``scores.csv`` and of the
   no-learning references (:func:`reference_scores`: the scan's mean and standard deviation of intensity, on the raw
   scan and on the bundle's retina band), each with a percentile bootstrap 95 % interval (scans resampled with
@@ -32,6 +34,7 @@ __all__ = [
     "bootstrap_interval",
     "image_metrics",
     "oct_validation",
+    "overview_figure",
     "read_scores",
     "reference_scores",
     "split_of",
@@ -191,6 +194,7 @@ def oct_validation(
     band_ratio: float = DEFAULT_BAND_RATIO,
     references: bool = True,
     n_resamples: int = 2000,
+    figure: str | None = None,
 ) -> dict[str, Any]:
     """
     Image-level AUROC / AUPRC with bootstrap 95 % intervals of every score column of an inference run's
@@ -204,6 +208,7 @@ def oct_validation(
         spatial_size, band_ratio: the grid and band of the references (the bundle's).
         references: also score the no-learning references.
         n_resamples: bootstrap resamples of each interval.
+        figure: where to write :func:`overview_figure` (None: not drawn); the maps are read beside ``scores``.
 
     Returns:
         ``{"splits": {split: {column: metrics}}, "n_scans": ...}``.
@@ -228,6 +233,8 @@ def oct_validation(
     result = {"n_scans": len(items), "splits": _evaluate(items, columns, signs, n_resamples)}
     if out:
         atomic_write_json(result, out)
+    if figure:
+        overview_figure(items, columns["score"], os.path.dirname(os.path.abspath(scores)), figure)
     for split in ("tuning", "untouched"):
         print(f"{split}: AUROC [95% CI] / AUPRC [95% CI]")
         for col, m in result["splits"][split].items():
@@ -237,3 +244,49 @@ def oct_validation(
                 + ("  (lower = abnormal)" if m["sign"] < 0 else "")
             )
     return result
+
+
+def overview_figure(
+    items: Sequence[Mapping[str, Any]],
+    scores: Mapping[str, float],
+    maps_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    png_max: float | None = None,
+) -> str:
+    """
+    A PNG of normal and abnormal scans (per class: the highest, the median and the lowest score) with their anomaly
+    maps (``<maps_dir>/<name>_anomaly.npy``), each row titled with its class and score.
+
+    Args:
+        items: :func:`validation_items`.
+        scores: image name -> score (the ``score`` column).
+        maps_dir: the inference output folder.
+        out: the PNG file.
+        png_max: the map value shown white (None: the 99.9th percentile over the shown maps).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from berdiff.io.oct import output_stem
+    from berdiff.utils import atomic_write
+
+    rows = []
+    for cls in sorted({i["class"] for i in items}, key=lambda c: (c != NORMAL_CLASS, c)):
+        ranked = sorted((i for i in items if i["class"] == cls), key=lambda i: -scores[i["name"]])
+        rows += [ranked[0], ranked[len(ranked) // 2], ranked[-1]]
+    maps = [np.load(os.path.join(maps_dir, output_stem(i["name"]) + "_anomaly.npy")) for i in rows]
+    vmax = float(np.percentile(np.concatenate([m.ravel() for m in maps]), 99.9)) if png_max is None else png_max
+    fig, axes = plt.subplots(len(rows), 2, figsize=(8, 1.6 * len(rows)), squeeze=False)
+    for (ax_img, ax_map), item, amap in zip(axes, rows, maps):
+        ax_img.imshow(read_scan(item["image"]), cmap="gray")
+        ax_img.set_title(f"{item['class']}: {Path(item['name']).name}", fontsize=7)
+        ax_map.imshow(amap, cmap="inferno", vmin=0.0, vmax=vmax)
+        ax_map.set_title(f"anomaly map, score {scores[item['name']]:.4g}", fontsize=7)
+        for ax in (ax_img, ax_map):
+            ax.axis("off")
+    fig.tight_layout()
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return os.fspath(out)
