@@ -64,6 +64,24 @@ class TestOctConfigsWithoutData(unittest.TestCase):
                 self.assertNotIn("/work/", text, path)
 
 
+class TestOctRelease(unittest.TestCase):
+    def test_locally_trained_weights_are_not_released(self):
+        import shutil
+
+        from berdiff.apps.release import build_bundle
+
+        with tempfile.TemporaryDirectory() as tmp:
+            repo = os.path.join(tmp, "repo")
+            shutil.copytree(OCT_BUNDLE, os.path.join(repo, "bundles", "oct_bernoulli_anomaly"))
+            models = os.path.join(repo, "bundles", "oct_bernoulli_anomaly", "models")
+            os.makedirs(models, exist_ok=True)
+            Path(models, "model.pt").write_bytes(b"weights trained on unlicensed scans")
+            path = build_bundle("oct_bernoulli_anomaly", out=os.path.join(tmp, "dist"), repo_root=repo, make_zip=False)
+            self.assertFalse(os.path.exists(os.path.join(path, "models")))
+            self.assertTrue(os.path.isfile(os.path.join(path, "configs", "inference.yaml")))
+            self.assertTrue(os.path.isfile(os.path.join(path, "docs", "README.md")))
+
+
 class TestOctTrainingAndInference(TempDirClassMixin, unittest.TestCase):
     @classmethod
     def setUpClass(cls):

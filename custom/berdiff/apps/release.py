@@ -26,12 +26,17 @@ from pathlib import Path
 import berdiff
 from berdiff.utils import atomic_write
 
-__all__ = ["BUNDLES", "PACKAGE_NAME", "repository_root", "sha256sum", "build_bundle", "build_bundles"]
+__all__ = [
+    "BUNDLES", "NO_WEIGHT_BUNDLES", "PACKAGE_NAME", "repository_root", "sha256sum", "build_bundle", "build_bundles"
+]
 
 #: the bundles of this repository (folder names under ``bundles/``)
 BUNDLES: tuple[str, ...] = ("brats_mri_bernoulli_anomaly", "ixi_t1_bernoulli_anomaly", "oct_bernoulli_anomaly")
 #: the package vendored at the root of every built bundle
 PACKAGE_NAME = "berdiff"
+#: bundles whose locally trained weights are never released (trained on data whose licence allows no redistribution):
+#: their ``models/`` folder is left out unless ``weights`` is passed explicitly
+NO_WEIGHT_BUNDLES: frozenset[str] = frozenset({"oct_bernoulli_anomaly"})
 #: files and folders of a bundle folder that are never released (run outputs, stage checkpoints, caches)
 _SKIP_NAMES = {"eval", "runs", "__pycache__", ".ipynb_checkpoints", ".pytest_cache"}
 #: the files of ``models/`` that are released (stage checkpoints and resume states are not)
@@ -147,6 +152,8 @@ def build_bundle(
         shutil.copytree(src, target, ignore=_ignore, symlinks=False)
         package_dir = Path(berdiff.__file__).resolve().parent
         shutil.copytree(package_dir, target / PACKAGE_NAME, ignore=_ignore)
+        if bundle in NO_WEIGHT_BUNDLES:
+            shutil.rmtree(target / "models", ignore_errors=True)
         if not (target / "LICENSE").is_file():
             shutil.copy2(root / "LICENSE", target / "LICENSE")
         _write_metadata(target / "configs" / "metadata.json")
