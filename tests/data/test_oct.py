@@ -112,6 +112,15 @@ class TestGrid(unittest.TestCase):
         again = Resize((16, 32), mode="bilinear", anti_aliasing=True)(torch.as_tensor(band)[None])[0].numpy()
         np.testing.assert_allclose(again[2:-2, 2:-2], smooth[2:-2, 2:-2], atol=0.02)  # edges: clamped borders
 
+    def test_smoothing_knob(self):
+        scan = synthetic_bscan(48, 80).astype(np.float32)
+        sharp, geo = prepare_scan(scan, (16, 32), 0.35)
+        smooth, geo_smooth = prepare_scan(scan, (16, 32), 0.35, smooth_sigma=1.0)
+        self.assertEqual(geo, geo_smooth)
+        self.assertLess(float(np.abs(np.diff(smooth, axis=1)).mean()), float(np.abs(np.diff(sharp, axis=1)).mean()))
+        with self.assertRaisesRegex(ValueError, "smooth_sigma"):
+            prepare_scan(scan, (16, 32), 0.35, smooth_sigma=-1.0)
+
     def test_scaling(self):
         out = scale_scan(np.arange(1000, dtype=np.float32).reshape(10, 100))
         self.assertAlmostEqual(float(out.min()), 0.0)

@@ -89,6 +89,7 @@ def oct_sweep(
     device: str | None = None,
     seed: int = 0,
     latent_weighting: str = "confident_change",
+    smooth_sigma: float = 0.0,
 ) -> dict[str, Any]:
     """
     Tuning-split AUROC of every (L, P, map, statistic, sigma) (module docstring).
@@ -105,6 +106,7 @@ def oct_sweep(
         batch_size: scans per network call.
         device: e.g. ``cuda``; None: CUDA when available.
         seed: the pipeline's seed.
+        smooth_sigma: the input smoothing of training (:func:`berdiff.data.oct.prepare_scan`).
         latent_weighting: the latent map that weights the ``anomaly`` map (a :class:`~berdiff.sampling.LatentMap`).
 
     Returns:
@@ -119,7 +121,7 @@ def oct_sweep(
 
     trained, desc = load_oct_pipeline(bundle_root, dev)
     grids = torch.stack(
-        [torch.as_tensor(prepare_scan(read_scan(i["image"]), desc["spatial_size"], band_ratio)[0])[None] for i in items]
+        [torch.as_tensor(prepare_scan(read_scan(i["image"]), desc["spatial_size"], band_ratio, smooth_sigma)[0])[None] for i in items]
     )
     rows: list[dict[str, Any]] = []
     for L, P in itertools.product(noise_levels, prob_thresholds):

@@ -13,7 +13,8 @@ Preprocessing (:func:`prepare_scan`), the same for training and inference:
    outside the scan read as 0). B-scans of flattened, cropped data sets are wide and the retina is a horizontal band
    of roughly a third of the width: the band keeps all of it and drops most of the vitreous and the deep choroid, so
    the network's rows are spent on the layers where drusen are (under the retinal pigment epithelium);
-3. resize the band to ``spatial_size`` (``[H, W]``, bilinear with anti-aliasing, which also averages speckle);
+3. resize the band to ``spatial_size`` (``[H, W]``, bilinear with anti-aliasing, which also averages speckle), then
+   optionally smooth it with a Gaussian of ``smooth_sigma`` grid pixels (0: off, the default);
 4. scale intensities per scan to [0, 1] between the 1st and the 99.5th percentile of the band (clipped): OCT gain and
    brightness differ from scan to scan, and the robust range keeps the bright RPE at the top of the scale without
    letting a few saturated pixels compress the layers.
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.transforms import Resize
+from scipy import ndimage
 
 from berdiff.data.images2d import IMAGE_SUFFIXES, read_image
 
@@ -199,7 +201,10 @@ def _check_grid(spatial_size: Sequence[int] | int) -> tuple[int, int]:
 
 
 def prepare_scan(
-    image: np.ndarray, spatial_size: Sequence[int] | int = DEFAULT_GRID, band_ratio: float = DEFAULT_BAND_RATIO
+    image: np.ndarray,
+    spatial_size: Sequence[int] | int = DEFAULT_GRID,
+    band_ratio: float = DEFAULT_BAND_RATIO,
+    smooth_sigma: float = 0.0,
 ) -> tuple[np.ndarray, ScanGeometry]:
     """
     A scan on the bundle's grid (module docstring, steps 2-4) and where it came from.
@@ -208,6 +213,7 @@ def prepare_scan(
         image: ``(H, W)`` scan in any value range.
         spatial_size: the grid ``[H, W]`` (an int: a square).
         band_ratio: see :func:`retina_band`.
+        smooth_sigma: Gaussian smoothing on the grid, in grid pixels (>= 0; 0: none).
 
     Returns:
         ``(grid, geometry)``: float32 ``spatial_size`` array in [0, 1] and a :class:`ScanGeometry`.
@@ -221,7 +227,12 @@ def prepare_scan(
     pad_before, pad_after = max(0, -top), max(0, top + band - height)
     padded = np.pad(image, ((pad_before, pad_after), (0, 0)), mode="constant", constant_values=float(image.min()))
     crop = padded[top + pad_before : top + pad_before + band]
-    grid = scale_scan(_resize(crop, grid_size, anti_aliasing=True))
+    if not smooth_sigma >= 0:
+        raise ValueError(f"smooth_sigma must be >= 0, got {smooth_sigma!r}.")
+    grid = _resize(crop, grid_size, anti_aliasing=True)
+    if smooth_sigma > 0:
+        grid = ndimage.gaussian_filter(grid, sigma=float(smooth_sigma), mode="nearest")
+    grid = scale_scan(grid)
     return grid, ScanGeometry(height=height, width=width, top=top, band=band)
 
 
@@ -250,7 +261,10 @@ def restore_to_input(grid_map: np.ndarray | torch.Tensor, geometry: ScanGeometry
 
 
 def load_scan(
-    path: str | os.PathLike, spatial_size: Sequence[int] | int = DEFAULT_GRID, band_ratio: float = DEFAULT_BAND_RATIO
+    path: str | os.PathLike,
+    spatial_size: Sequence[int] | int = DEFAULT_GRID,
+    band_ratio: float = DEFAULT_BAND_RATIO,
+    smooth_sigma: float = 0.0,
 ) -> torch.Tensor:
     """
     One scan file as a ``(1, H, W)`` float32 tensor in [0, 1] on the grid (the training loader of the OCT bundle).
@@ -259,6 +273,7 @@ def load_scan(
         path: the image file.
         spatial_size: the grid ``[H, W]``.
         band_ratio: see :func:`retina_band`.
+        smooth_sigma: see :func:`prepare_scan`.
     """
-    grid, _ = prepare_scan(read_scan(path), spatial_size, band_ratio)
+    grid, _ = prepare_scan(read_scan(path), spatial_size, band_ratio, smooth_sigma)
     return torch.as_tensor(grid)[None]

@@ -120,7 +120,10 @@ def scan_items(dataset_dir: str | os.PathLike | None = None, image: str | os.Pat
 
 
 def scan_item(
-    item: Mapping[str, Any], spatial_size: Sequence[int] = DEFAULT_GRID, band_ratio: float = DEFAULT_BAND_RATIO
+    item: Mapping[str, Any],
+    spatial_size: Sequence[int] = DEFAULT_GRID,
+    band_ratio: float = DEFAULT_BAND_RATIO,
+    smooth_sigma: float = 0.0,
 ) -> dict[str, Any]:
     """
     The dataset transform of inference: ``item`` with ``image`` read and put on the grid (``(1, H, W)`` float32) and
@@ -130,8 +133,9 @@ def scan_item(
         item: a :func:`scan_items` item.
         spatial_size: the grid ``[H, W]`` of the weights.
         band_ratio: the retina band of training (:func:`berdiff.data.oct.retina_band`).
+        smooth_sigma: the smoothing of training (:func:`berdiff.data.oct.prepare_scan`).
     """
-    grid, geometry = prepare_scan(read_scan(item["image"]), spatial_size, band_ratio)
+    grid, geometry = prepare_scan(read_scan(item["image"]), spatial_size, band_ratio, smooth_sigma)
     return {**item, "image": torch.as_tensor(grid)[None], "geometry": geometry.as_dict()}
 
 
