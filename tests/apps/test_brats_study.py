@@ -70,10 +70,12 @@ class TestBratsStudy(TempDirMixin, unittest.TestCase):
         ae = autoencoder_from_preset("tiny", in_channels=4)
         export_pipeline(ae, denoiser_from_preset("tiny", latent_channels=ae.latent_channels),
                         str(root / "model" / "models" / "model.pt"), preset="tiny", spatial_size=SIZE)
+        stage_one = root / "autoencoder_best.pt"
+        torch.save(ae.state_dict(), stage_one)
         with redirect_stdout(io.StringIO()) as buf:
             res = brats_study(str(prep), str(root / "model"), str(root / "out"), noise_levels=[4, 2],
                               prob_thresholds=[0.5], num_inference_steps=[2], slice_start=0, slice_stop=6,
-                              n_resamples=200)
+                              n_resamples=200, autoencoders=str(stage_one), autoencoder_preset="tiny")
         self.assertIn("brats_study: model L=4 P=0.5 K=2", buf.getvalue())
         run = res["runs"][0]
         flair = run["maps"]["input_flair"]["protocol_b"]
@@ -81,6 +83,12 @@ class TestBratsStudy(TempDirMixin, unittest.TestCase):
         for name in ("default", "paper", "learned", "autoencoder_default", "latent_confident_change", "input_t1"):
             self.assertIn(name, run["maps"])
         self.assertEqual(run["comparisons"]["paper"]["input_flair"]["volume_auprc"]["n"], 2)
+        # the stage-1 weights alone give the model's autoencoder-only maps (the same autoencoder)
+        ae_run = res["autoencoder_runs"][0]
+        self.assertEqual(sorted(ae_run["maps"]), sorted([n for n in run["maps"] if n.startswith("autoencoder_")]
+                                                        + ["input_flair"]))
+        self.assertAlmostEqual(ae_run["maps"]["autoencoder_default"]["protocol_b"]["auprc"]["mean"],
+                               run["maps"]["autoencoder_default"]["protocol_b"]["auprc"]["mean"])
         # the rest of the grid scores the main maps only
         self.assertEqual(res["runs"][1]["noise_level"], 2)
         self.assertEqual(sorted(res["runs"][1]["maps"]), sorted([*GRID_MAPS, "latent_confident_change", "input_flair"]))

@@ -201,6 +201,28 @@ def _score(maps: Mapping[str, Mapping[str, np.ndarray]], volumes: Mapping[str, M
     return {"maps": summary, "comparisons": comparisons}
 
 
+def _autoencoder_run(path: str, preset: str, rules: Mapping[str, MapRule], volumes: Mapping[str, Any], floor: float,
+                     batch: int, device: torch.device, inputs: Mapping[str, Any], n_resamples: int) -> dict[str, Any]:
+    """The autoencoder-only maps of one stage-1 weight file, scored like the models' maps."""
+    from berdiff.evaluation.autoencoder_check import _load_autoencoder
+
+    ae = _load_autoencoder(path, preset, len(MODALITIES)).to(device)
+    nets: dict[str, dict[str, np.ndarray]] = {}
+    with torch.inference_mode():
+        for s, v in volumes.items():
+            parts = []
+            for i in range(0, len(v["image"]), batch):
+                x = torch.from_numpy(v["image"][i : i + batch]).to(device)
+                rec = ae.decode_stage_2_outputs(ae.encode_stage_2_inputs(x).float()).float().clamp(0.0, 1.0)
+                flat = x.reshape(len(x), -1)
+                parts.append(torch.where((flat.amax(1) <= flat.amin(1)).view(-1, 1, 1, 1), x, rec).cpu())
+            nets[s] = {"autoencoder": torch.cat(parts).numpy()}
+    names = [n for n, r in rules.items() if r.get("source") == "autoencoder"]
+    maps = {n: {s: _apply_rule(rules[n], volumes[s]["image"], nets[s], floor) for s in volumes} for n in names}
+    maps.update(inputs)
+    return {"weights": path, **_score(maps, volumes, list(inputs), n_resamples)}
+
+
 def _row(name: str, s: Mapping[str, Any], comp: Mapping[str, Any] | None) -> str:
     a, b, det = s["protocol_a"], s["protocol_b"], s["slice_detection"]
 
@@ -246,6 +268,8 @@ def brats_study(
     device: str = "cpu",
     threads: int | None = None,
     n_resamples: int = 10_000,
+    autoencoders: str | Sequence[str] | None = None,
+    autoencoder_preset: str = "small",
 ) -> dict[str, Any]:
     """
     Score trained brain-bundle models on the validation subjects of a ``prepare_brats`` folder: every map variant of
@@ -267,6 +291,9 @@ def brats_study(
         device: torch device.
         threads: torch CPU threads (default: torch's).
         n_resamples: bootstrap resamples of each interval.
+        autoencoders: stage-1 weight files (a list, or one comma-separated string; e.g. the same run's weights after
+            more or fewer epochs) whose autoencoder-only maps are scored too, without a denoiser.
+        autoencoder_preset: the preset of those weights.
     """
     import yaml
 
@@ -318,8 +345,14 @@ def brats_study(
                           f"{d['protocol_a']['dice']['mean']:.3f}, best Dice "
                           f"{d['protocol_b']['best_dice_upper_bound']['mean']:.3f}, AUPRC "
                           f"{d['protocol_b']['auprc']['mean']:.3f} ({seconds:.0f} s)", flush=True)
+    ae_runs: list[dict[str, Any]] = []
+    ae_files = [] if not autoencoders else (autoencoders.split(",") if isinstance(autoencoders, str) else autoencoders)
+    for path in ae_files:
+        ae_runs.append(_autoencoder_run(str(path), autoencoder_preset, rules, volumes, floor, batch_size, dev,
+                                        {reference: inputs[reference]}, n_resamples))
     result = {
         "prepared": str(Path(prepared).resolve()), "split": split, "subjects": list(volumes),
+        "autoencoder_runs": ae_runs,
         "slice_range": [slice_start, slice_stop], "rules": rules, "reference": reference,
         "inference_defaults": {k: config.get(k) for k in ("residual_sign", "residual_channels", "intensity_prior",
                                                           "latent_weighting", "latent_weight_floor")},
@@ -359,4 +392,7 @@ def _markdown(result: Mapping[str, Any]) -> str:
                     f"{s['protocol_b']['best_dice_upper_bound']['mean']:.3f} | {s['protocol_b']['auroc']['mean']:.3f} | "
                     f"{s['protocol_b']['auprc']['mean']:.3f} | {s['slice_detection']['auroc']:.3f} |"
                 )
+    for run in result.get("autoencoder_runs", []):
+        lines += ["", f"### stage-1 weights `{Path(run['weights']).name}` alone (autoencoder-only maps)", ""]
+        lines += _table(run, [n for n in run["maps"] if n.startswith("autoencoder_")] + [ref], ref)
     return "\n".join(lines) + "\n"
