@@ -38,6 +38,14 @@ EXCLUSIONS: dict[str, dict[str, str]] = {
         "exclude_verify_torchscript_list": "network_def is the stochastic masked-diffusion sampler (see the brain "
         "bundle); TorchScript export is unsupported",
     },
+    "oct_bernoulli_anomaly": {
+        "exclude_verify_preferred_files_list": "no weights are released (the OCT scans it was measured on have no "
+        "stated licence; train with the bundle's configs); models/model.pt is therefore absent",
+        "exclude_verify_shape_list": "network_def returns the anomaly map followed by the other maps it scores "
+        "(output_keys: 8 channels), of which pred is the first",
+        "exclude_verify_torchscript_list": "network_def is the stochastic masked-diffusion sampler (see the brain "
+        "bundle); TorchScript export is unsupported",
+    },
 }
 
 RUNNER = """
