@@ -148,9 +148,8 @@ def reference_scores(
 ) -> dict[str, float]:
     """
     No-learning scores of one scan: mean and standard deviation of the raw scan (scaled to [0, 1] by its type's
-    range: 8-bit / 255) and of the bundle's retina band on the grid (after the per-scan scaling), each signed so
-    that the direction is chosen on the tuning split (:func:`oct_validation` reports both signs' better one only when
-    asked; here the raw values are returned).
+    range: 8-bit / 255) and of the bundle's retina band on the grid (after the per-scan scaling). The raw values are
+    returned; :func:`oct_validation` chooses each one's direction (higher or lower = abnormal) on the tuning split.
 
     Args:
         path: the scan.
