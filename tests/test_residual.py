@@ -33,7 +33,12 @@ class TestResidualMap(unittest.TestCase):
         only_last = residual_map(self.r, self.x, channel_weights=[0, 0, 1])
         torch.testing.assert_close(only_last, (self.r - self.x)[:, 2:].pow(2))
         with_prior = residual_map(self.r, self.x, channel_weights=[0, 0, 1], intensity=self.x[:, 2:])
-        torch.testing.assert_close(with_prior, only_last * self.x[:, 2:])
+        torch.testing.assert_close(with_prior, (self.r - self.x)[:, 2:].abs() * self.x[:, 2:])
+        # a floor keeps ranking the voxels the reconstruction reproduced by their intensity
+        floor = residual_map(self.x, self.x, intensity=self.x[:, 2:], intensity_power=2.0, intensity_floor=0.2)
+        torch.testing.assert_close(floor, 0.2 * self.x[:, 2:] ** 2)
+        with self.assertRaisesRegex(ValueError, "intensity_power"):
+            residual_map(self.r, self.x, intensity=self.x[:, 2:], intensity_power=0)
         with self.assertRaisesRegex(ValueError, "2 channel weights"):
             residual_map(self.r, self.x, channel_weights=[1, 1])
 
@@ -68,9 +73,9 @@ class TestSamplerResidual(unittest.TestCase):
                                **kwargs).eval().run(x)
         d = (x - paper["reconstruction"])[:, 1:]
         torch.testing.assert_close(paper["reconstruction"], rule["reconstruction"])  # same seeds, same sampling
-        torch.testing.assert_close(rule["anomaly_map"], d.clamp_min(0).pow(2) * x[:, 1:])
+        torch.testing.assert_close(rule["anomaly_map"], d.clamp_min(0) * x[:, 1:])
         torch.testing.assert_close(rule["residual_map"], rule["anomaly_map"])
-        self.assertTrue(torch.all(rule["autoencoder_map"] <= paper["autoencoder_map"] * x[:, 1:].amax() + 1e-6))
+        self.assertTrue(torch.all(rule["autoencoder_map"] <= paper["autoencoder_map"].sqrt() * x[:, 1:] + 1e-6))
 
     def test_bad_options(self):
         s = BernoulliScheduler()

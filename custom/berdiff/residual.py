@@ -98,9 +98,14 @@ def residual_map(
     sign: str = ResidualSign.BOTH,
     channel_weights: Sequence[float] | None = None,
     intensity: torch.Tensor | None = None,
+    intensity_power: float = 1.0,
+    intensity_floor: float = 0.0,
 ) -> torch.Tensor:
     """
-    ``sum_c w_c r(reference_c - reconstruction_c)^2`` (see :class:`ResidualSign`), optionally times ``intensity``.
+    ``R = sum_c w_c r(reference_c - reconstruction_c)^2`` (see :class:`ResidualSign`); with an intensity prior
+    ``(intensity_floor + sqrt(R)) * intensity ** intensity_power`` (for one channel, ``sqrt(R)`` is the absolute
+    difference of the counted sign): the residual raises the intensity's rank where the reconstruction disagrees, and
+    with ``intensity_floor > 0`` the voxels the reconstruction reproduced are still ranked by their intensity.
 
     Args:
         reconstruction: the pseudo-healthy reconstruction (B, C, ...).
@@ -108,6 +113,8 @@ def residual_map(
         sign: a :class:`ResidualSign`.
         channel_weights: C weights (None: all 1).
         intensity: optional (B, 1, ...) intensity prior the residual is multiplied with (e.g. the input's FLAIR).
+        intensity_power: the power of the prior (> 0): how much the intensity counts against the residual.
+        intensity_floor: the residual's floor under the prior (>= 0).
 
     Returns:
         the map, (B, 1, ...).
@@ -126,5 +133,9 @@ def residual_map(
         sq = sq * w
     out = sq.sum(dim=1, keepdim=True)
     if intensity is not None:
-        out = out * intensity.float().clamp_min(0.0)
+        if not intensity_power > 0:
+            raise ValueError(f"intensity_power must be > 0, got {intensity_power}.")
+        if not intensity_floor >= 0:
+            raise ValueError(f"intensity_floor must be >= 0, got {intensity_floor}.")
+        out = (float(intensity_floor) + out.sqrt()) * intensity.float().clamp_min(0.0).pow(float(intensity_power))
     return out

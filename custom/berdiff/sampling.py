@@ -185,6 +185,8 @@ class MaskedBernoulliSampler:
         channel_weights: per-channel weights of the squared residual (None: every channel 1, the paper's sum).
         intensity_channel: None, or the input channel whose intensity multiplies the residual (an intensity prior,
             e.g. FLAIR for brain tumours; beyond the paper).
+        intensity_power, intensity_floor: the prior's power (> 0) and the residual's floor under it (>= 0), see
+            :func:`berdiff.residual.residual_map`.
         The residual rule (sign, weights, prior) applies to ``residual_map``, ``anomaly_map`` and ``autoencoder_map``
         alike, so that the autoencoder-only map is the same map without the diffusion model.
     """
@@ -206,6 +208,8 @@ class MaskedBernoulliSampler:
         residual_sign: str = ResidualSign.BOTH,
         channel_weights: Sequence[float] | None = None,
         intensity_channel: int | None = None,
+        intensity_power: float = 1.0,
+        intensity_floor: float = 0.0,
     ) -> None:
         super().__init__()
         if not isinstance(scheduler, BernoulliScheduler):
@@ -227,6 +231,12 @@ class MaskedBernoulliSampler:
         if intensity_channel is not None and (isinstance(intensity_channel, bool) or int(intensity_channel) < 0):
             raise ValueError(f"intensity_channel must be None or a channel index >= 0, got {intensity_channel!r}.")
         self.intensity_channel = None if intensity_channel is None else int(intensity_channel)
+        if not float(intensity_power) > 0:
+            raise ValueError(f"intensity_power must be > 0, got {intensity_power}.")
+        self.intensity_power = float(intensity_power)
+        if not float(intensity_floor) >= 0:
+            raise ValueError(f"intensity_floor must be >= 0, got {intensity_floor}.")
+        self.intensity_floor = float(intensity_floor)
         self.latent_weighting: LatentMap | None = latent_weighting
         self.latent_weight_floor = float(latent_weight_floor)
         self.scheduler = scheduler
@@ -255,7 +265,10 @@ class MaskedBernoulliSampler:
                     f"{inputs.shape[1]} channel(s)."
                 )
             intensity = inputs[:, self.intensity_channel : self.intensity_channel + 1]
-        return residual_map(reconstruction, reference, self.residual_sign, self.channel_weights, intensity)
+        return residual_map(
+            reconstruction, reference, self.residual_sign, self.channel_weights, intensity, self.intensity_power,
+            self.intensity_floor,
+        )
 
     def _reduce_channels(self, flip: torch.Tensor) -> torch.Tensor:
         if self.latent_reduction == LatentReduction.MAX:

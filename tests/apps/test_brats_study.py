@@ -58,7 +58,7 @@ class TestBratsStudy(TempDirMixin, unittest.TestCase):
         rules = default_map_rules({"residual_sign": "positive", "residual_channels": ["flair"],
                                    "intensity_prior": "flair", "latent_weighting": "none"})
         self.assertEqual(rules["default"], {"sign": "positive", "channels": ["flair"], "prior": "flair",
-                                            "weighting": None})
+                                            "power": 1.0, "floor": 0.0, "weighting": None})
         self.assertIsNone(rules["learned"]["prior"])
         self.assertEqual(rules["paper"], {"sign": "both", "channels": "all", "prior": None, "weighting": None})
         self.assertEqual(rules["autoencoder_default"]["source"], "autoencoder")

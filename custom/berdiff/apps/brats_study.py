@@ -14,8 +14,8 @@ diffusion pipeline once per (L, P, K) setting; the anomaly-map variants are then
 
 The map variants (``residual`` is :func:`berdiff.residual.residual_map`; ``cc`` the latent map ``confident_change``):
 
-* ``default``: the bundle's inference defaults (``configs/inference.yaml``: residual sign, channels, intensity prior,
-  latent weighting);
+* ``default``: the bundle's inference defaults (``configs/inference.yaml``: residual sign, channels, intensity prior
+  with its power and floor, latent weighting); ``default_without_floor``: the same with floor 0;
 * ``paper``: the paper's map, ``sum_c (x_hat_c - x_c)^2`` over all channels, no weighting, no prior;
 * ``learned``: the default map without the intensity prior (nothing but what the networks compute);
 * ``residual`` variants: sign ``both``/``positive`` x channels ``all``/``flair``/``t2+flair``, unweighted, and
@@ -44,7 +44,7 @@ __all__ = ["GRID_MAPS", "MapRule", "brats_study", "default_map_rules", "load_sub
 #: the rule of one map: residual sign, channels (None: all), intensity prior channel name, latent weighting
 MapRule = dict
 #: the maps scored at every (L, P, K) of the grid (every map is scored at the first setting of each model)
-GRID_MAPS = ["default", "learned", "paper", "residual_positive_flair", "autoencoder_default"]
+GRID_MAPS = ["default", "learned", "paper", "residual_positive_flair", "autoencoder_default", "autoencoder_learned"]
 
 
 def default_map_rules(inference_config: Mapping[str, Any]) -> dict[str, MapRule]:
@@ -61,10 +61,13 @@ def default_map_rules(inference_config: Mapping[str, Any]) -> dict[str, MapRule]
         "sign": str(inference_config.get("residual_sign", "both")),
         "channels": inference_config.get("residual_channels", "all"),
         "prior": inference_config.get("intensity_prior"),
+        "power": float(inference_config.get("intensity_prior_power", 1.0)),
+        "floor": float(inference_config.get("intensity_prior_floor", 0.0)),
         "weighting": weighting,
     }
     rules: dict[str, MapRule] = {
         "default": default,
+        "default_without_floor": {**default, "floor": 0.0},
         "learned": {**default, "prior": None},
         "paper": {"sign": "both", "channels": "all", "prior": None, "weighting": None},
     }
@@ -167,7 +170,7 @@ def _apply_rule(rule: MapRule, image: np.ndarray, nets: Mapping[str, np.ndarray]
     prior = channel_index(MODALITIES, rule["prior"])
     m = residual_map(
         rec, x, rule["sign"], channel_weights_for(MODALITIES, rule["channels"]),
-        None if prior is None else x[:, prior : prior + 1],
+        None if prior is None else x[:, prior : prior + 1], rule.get("power", 1.0), rule.get("floor", 0.0),
     )[:, 0].numpy()
     if rule["weighting"] == "confident_change":
         m = m * (floor + nets["cc"])
@@ -182,13 +185,15 @@ def _score(maps: Mapping[str, Mapping[str, np.ndarray]], volumes: Mapping[str, M
     from berdiff.evaluation.comparisons import compare_maps
     from berdiff.evaluation.scoring import ProtocolSettings, score_case, summarise_map
 
-    settings = ProtocolSettings(axis=0, compute_psnr=False)
+    # volumes laid out as evaluate reads NIfTI files, (H, W, Z) with the slices last: the same brain-mask erosion
+    settings = ProtocolSettings(axis=-1, compute_psnr=False)
     scored = []
     for subject, vol in volumes.items():
-        image = np.moveaxis(vol["image"], 1, 0)  # (C, Z, H, W)
+        image = np.moveaxis(vol["image"], 0, -1)  # (C, H, W, Z)
+        label = np.moveaxis(vol["label"], 0, -1)
         case_maps: dict[str, dict] = {}
         for name, per_subject in maps.items():
-            one = score_case({"name": subject, "score": per_subject[subject], "label": vol["label"],
+            one = score_case({"name": subject, "score": np.moveaxis(per_subject[subject], 0, -1), "label": label,
                               "image": image}, 0, settings)
             case_maps[name] = one["maps"]["anomaly"]
             row = one["row"]

@@ -105,6 +105,8 @@ def demo(
     step_posterior: str = "marginal",
     latent_weighting: str | None = "confident_change",
     latent_weight_floor: float = 0.02,
+    residual_sign: str = "both",
+    residual_channels: str | Sequence[str] = "all",
     bundle: str | None = None,
     overwrite: bool = True,
 ) -> DemoSummary:
@@ -149,6 +151,9 @@ def demo(
         latent_weighting: latent map that weights the residual in the anomaly map (``berdiff.inferers.LatentMap``;
             None or "none": the residual alone, the paper's map).
         latent_weight_floor: weight of the residual where that latent map is 0.
+        residual_sign, residual_channels: the residual rule of the maps (``berdiff.residual``). The demo keeps the
+            paper's squared residual over all channels (its settings were tuned with it on the synthetic subjects);
+            the bundle's default for real BraTS is the positive FLAIR residual (see its README).
         bundle: the brain MRI bundle folder (default: the one in this repository checkout).
         overwrite: replace the output of an earlier demo run in ``out`` (any other non-empty folder is refused).
     """
@@ -298,6 +303,9 @@ def demo(
            "--anomaly_reference", str(anomaly_reference), "--step_posterior", str(step_posterior),
            "--latent_weighting", "none" if latent_weighting is None else str(latent_weighting),
            "--latent_weight_floor", str(latent_weight_floor),
+           "--residual_sign", str(residual_sign),
+           "--residual_channels", residual_channels if isinstance(residual_channels, str)
+           else "[" + ",".join(residual_channels) + "]",
            # every latent map and the autoencoder-only map, to score them beside the anomaly map
            "--latent_maps", "[" + ",".join(m.value for m in LatentMap) + "]", "--save_autoencoder_map", "True"],
         logs_dir / "inference.log",
@@ -334,6 +342,7 @@ def demo(
             "num_inference_steps": num_inference_steps, "anomaly_reference": str(anomaly_reference),
             "step_posterior": str(step_posterior), "latent_weighting": latent_weighting,
             "latent_weight_floor": latent_weight_floor, "blob_augment_prob": blob_augment_prob,
+            "residual_sign": str(residual_sign), "residual_channels": residual_channels,
         },
         "metrics": metrics,
         "autoencoder_check": ae_check,

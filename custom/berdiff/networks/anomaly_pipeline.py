@@ -111,7 +111,7 @@ class AnomalyPipeline(nn.Module):
         step_posterior: see :class:`~berdiff.sampling.StepPosterior`.
         latent_weighting, latent_weight_floor: see :class:`~berdiff.sampling.MaskedBernoulliSampler` (None: the
             paper's map, the residual alone).
-        residual_sign, channel_weights, intensity_channel: the residual rule of every image-space map, see
+        residual_sign, channel_weights, intensity_channel, intensity_power, intensity_floor: the residual rule of every image-space map, see
             :class:`~berdiff.sampling.MaskedBernoulliSampler` and :func:`berdiff.residual.residual_map` (defaults:
             the paper's ``sum_c (x_hat_c - x_c)^2``).
         output_keys: what ``forward`` returns, concatenated along channels, from :data:`PIPELINE_OUTPUT_KEYS`
@@ -141,6 +141,8 @@ class AnomalyPipeline(nn.Module):
         residual_sign: str = "both",
         channel_weights: Sequence[float] | None = None,
         intensity_channel: int | None = None,
+        intensity_power: float = 1.0,
+        intensity_floor: float = 0.0,
         output_keys: Sequence[str] = ("anomaly_map",),
         seed: int | None = 0,
         skip_empty: bool = True,
@@ -164,6 +166,8 @@ class AnomalyPipeline(nn.Module):
             residual_sign=residual_sign,
             channel_weights=channel_weights,
             intensity_channel=intensity_channel,
+            intensity_power=intensity_power,
+            intensity_floor=intensity_floor,
             # the input code is decoded a second time only for the autoencoder-only map
             autoencoder_map="autoencoder_map" in tuple(output_keys),
         )

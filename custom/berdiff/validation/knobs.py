@@ -370,6 +370,8 @@ SETTING_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "residual_sign": _residual_sign,
     "residual_channels": _channel_names,
     "intensity_prior": _channel_name_or_none,
+    "intensity_prior_power": lambda k, v: check_float(k, v, 0.0, low_open=True),
+    "intensity_prior_floor": lambda k, v: check_float(k, v, 0.0),
     "on_error": _on_error,
     "progress": _bool,
     "save_reconstruction": _bool,
