@@ -31,8 +31,14 @@ DATA_KEYS = {
         "spatial_size_2d", "pixdim", "num_channels",
         "batch_size", "num_workers", "max_epochs", "train#load", "train#datalist", "validate#datalist",
         "blob_augment_prob",  # whether the data's anomalies have intensities the healthy slices never show
+        # the training recipe: the brain bundle's comes per preset from berdiff.training.TRAINING_RECIPES (validated
+        # on real BraTS); the IXI bundle keeps the one its shipped weights were trained with
+        "recipe", "base_learning_rate", "base_batch_size", "ema_momentum",
     ),
-    "train_diffusion.yaml": ("batch_size",),  # stage 2 keeps stage 1's batch size in the IXI bundle
+    "train_diffusion.yaml": (
+        "batch_size",  # stage 2 keeps stage 1's batch size in the IXI bundle
+        "recipe", "base_learning_rate", "base_batch_size", "ema_momentum", "train_max_timestep",
+    ),
 }
 
 

@@ -107,7 +107,7 @@ class TestBlobAugmentPrepareBatch(unittest.TestCase):
         self.assertTrue(torch.equal(targets, x))
 
     def test_bundle_configs_wire_it_into_stage_one(self):
-        for bundle, default in (("brats_mri_bernoulli_anomaly", 0.5), ("ixi_t1_bernoulli_anomaly", 0.0)):
+        for bundle, default in (("brats_mri_bernoulli_anomaly", 0.0), ("ixi_t1_bernoulli_anomaly", 0.0)):
             parser = ConfigParser()
             parser.read_config(str(REPO / "bundles" / bundle / "configs" / "train_autoencoder.yaml"))
             self.assertEqual(parser["blob_augment_prob"], default, bundle)
