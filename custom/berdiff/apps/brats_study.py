@@ -143,6 +143,13 @@ def _load_pipeline(model_dir: Path, noise_level: int, prob_threshold: float, ste
     return pipe.to(device).eval(), desc
 
 
+def _autoencoder_reconstruction(ae: Any, x: torch.Tensor) -> torch.Tensor:
+    """``D(E(x))`` clamped to [0, 1]; constant (empty) slices are returned as they are, as the pipeline does."""
+    rec = ae.decode_stage_2_outputs(ae.encode_stage_2_inputs(x).float()).float().clamp(0.0, 1.0)
+    flat = x.reshape(len(x), -1)
+    return torch.where((flat.amax(1) <= flat.amin(1)).view(-1, *([1] * (x.ndim - 1))), x, rec)
+
+
 def _run_networks(pipe: Any, image: np.ndarray, batch: int, device: torch.device) -> dict[str, np.ndarray]:
     """Reconstruction, autoencoder reconstruction and the two latent maps of every slice (Z, ...)."""
     parts: dict[str, list[torch.Tensor]] = {"reconstruction": [], "autoencoder": [], "cc": [], "code_change": []}
@@ -153,12 +160,7 @@ def _run_networks(pipe: Any, image: np.ndarray, batch: int, device: torch.device
             parts["reconstruction"].append(o["reconstruction"].cpu())
             parts["cc"].append(o["latent_confident_change"][:, 0].cpu())
             parts["code_change"].append(o["latent_code_change"][:, 0].cpu())
-            ae = pipe.autoencoder
-            rec = ae.decode_stage_2_outputs(ae.encode_stage_2_inputs(x).float()).float().clamp(0.0, 1.0)
-            # constant (empty) slices: identity, as the pipeline does
-            flat = x.reshape(len(x), -1)
-            empty = (flat.amax(1) <= flat.amin(1)).view(-1, 1, 1, 1)
-            parts["autoencoder"].append(torch.where(empty, x, rec).cpu())
+            parts["autoencoder"].append(_autoencoder_reconstruction(pipe.autoencoder, x).cpu())
     return {k: torch.cat(v).numpy() for k, v in parts.items()}
 
 
@@ -218,9 +220,7 @@ def _autoencoder_run(path: str, preset: str, rules: Mapping[str, MapRule], volum
             parts = []
             for i in range(0, len(v["image"]), batch):
                 x = torch.from_numpy(v["image"][i : i + batch]).to(device)
-                rec = ae.decode_stage_2_outputs(ae.encode_stage_2_inputs(x).float()).float().clamp(0.0, 1.0)
-                flat = x.reshape(len(x), -1)
-                parts.append(torch.where((flat.amax(1) <= flat.amin(1)).view(-1, 1, 1, 1), x, rec).cpu())
+                parts.append(_autoencoder_reconstruction(ae, x).cpu())
             nets[s] = {"autoencoder": torch.cat(parts).numpy()}
     names = [n for n, r in rules.items() if r.get("source") == "autoencoder"]
     maps = {n: {s: _apply_rule(rules[n], volumes[s]["image"], nets[s], floor) for s in volumes} for n in names}
