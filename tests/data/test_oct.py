@@ -13,6 +13,7 @@ from monai.transforms import Resize
 from PIL import Image
 
 from berdiff.data.oct import (
+    BandAlignment,
     ScanGeometry,
     class_items,
     list_scans,
@@ -21,6 +22,7 @@ from berdiff.data.oct import (
     read_scan,
     restore_to_input,
     retina_band,
+    rpe_curve,
     scale_scan,
 )
 from tests.oct_fixtures import synthetic_bscan, write_bscan
@@ -86,7 +88,7 @@ class TestGrid(unittest.TestCase):
 
     def test_band_taller_than_the_scan_is_padded(self):
         scan = synthetic_bscan(20, 100).astype(np.float32)
-        grid, geo = prepare_scan(scan, (16, 32), 0.35)
+        grid, geo = prepare_scan(scan, (16, 32), 0.35, alignment="centre")
         self.assertEqual(grid.shape, (16, 32))
         self.assertLess(geo.top, 0)
         back = restore_to_input(np.ones((16, 32)), geo)
@@ -95,7 +97,7 @@ class TestGrid(unittest.TestCase):
 
     def test_round_trip_returns_to_the_input_grid(self):
         scan = synthetic_bscan(48, 80, bump=True).astype(np.float32)
-        grid, geo = prepare_scan(scan, (16, 32), 0.35)
+        grid, geo = prepare_scan(scan, (16, 32), 0.35, alignment="centre")
         self.assertEqual(grid.dtype, np.float32)
         self.assertTrue(0.0 <= grid.min() and grid.max() <= 1.0)
         self.assertEqual(geo, ScanGeometry(height=48, width=80, top=geo.top, band=28))
@@ -130,6 +132,90 @@ class TestGrid(unittest.TestCase):
             scale_scan(np.ones((4, 4)), 50, 10)
         with self.assertRaisesRegex(ValueError, "spatial_size"):
             prepare_scan(np.ones((8, 8)), (16,))
+
+
+def curved_bscan(height: int = 60, width: int = 120, bump: bool = False, seed: int = 0):
+    """A B-scan whose RPE (the deepest bright line) follows a known parabola; ``bump`` lifts it in the middle."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(-1.0, 1.0, width)
+    base = 0.55 * height + 0.12 * height * x**2 + 0.04 * height * x  # tilted and curved, as eyes are
+    rpe = base - (0.1 * height * np.exp(-((x / 0.08) ** 2)) if bump else 0.0)
+    rows = np.arange(height)[:, None]
+    img = np.full((height, width), 15.0)
+    img[(rows > rpe - 0.3 * height) & (rows < rpe)] = 90.0
+    img[np.abs(rows - rpe) < 1.5] = 240.0
+    img[rows > rpe + 1.5] = 50.0
+    img += rng.normal(0, 10, img.shape)
+    return np.clip(img, 0, 255).astype(np.float32), base, rpe
+
+
+class TestRPEAlignment(unittest.TestCase):
+    def test_rpe_curve_follows_the_rpe_not_the_drusen(self):
+        scan, base, _ = curved_bscan()
+        fit = np.polyval(rpe_curve(scan), np.linspace(-1, 1, scan.shape[1]))
+        self.assertLess(float(np.abs(fit - base).max()), 1.5)
+        bumped, base, rpe = curved_bscan(bump=True)
+        fit = np.polyval(rpe_curve(bumped), np.linspace(-1, 1, bumped.shape[1]))
+        mid = bumped.shape[1] // 2
+        self.assertLess(abs(fit[mid] - base[mid]), 0.5 * abs(rpe[mid] - base[mid]))  # the smooth fit ignores the dome
+        with self.assertRaisesRegex(ValueError, "bright_fraction"):
+            rpe_curve(scan, bright_fraction=1.0)
+        with self.assertRaisesRegex(ValueError, "2D"):
+            rpe_curve(scan[None])
+
+    def test_the_band_is_flattened_along_the_rpe(self):
+        scan, _, _ = curved_bscan()
+        grid, geo = prepare_scan(scan, (32, 64), 0.3, alignment="rpe", rpe_position=0.75)
+        self.assertEqual(grid.shape, (32, 64))
+        self.assertEqual(len(geo.curve), 4)  # a cubic
+        rpe_rows = np.argmax(grid[:, 4:-4], axis=0)  # the RPE of every column ...
+        self.assertLessEqual(int(rpe_rows.max() - rpe_rows.min()), 2)  # ... is one straight row of the grid ...
+        self.assertLess(abs(float(np.median(rpe_rows)) - 0.75 * 31), 2.0)  # ... at rpe_position
+        straight, _ = prepare_scan(scan, (32, 64), 0.3, alignment="centre")
+        self.assertGreater(int(np.ptp(np.argmax(straight[:, 4:-4], axis=0))), 4)  # without flattening it is curved
+
+    def test_round_trip_places_every_column_back(self):
+        scan, _, _ = curved_bscan(50, 90, bump=True)
+        _, geo = prepare_scan(scan, (16, 32), 0.3)
+        tops = geo.column_tops()
+        self.assertEqual(tops.shape, (90,))
+        self.assertEqual(geo.top, int(round(tops.mean())))
+        back = restore_to_input(np.ones((16, 32)), geo.as_dict())
+        self.assertEqual(back.shape, (50, 90))
+        for c in (0, 45, 89):
+            lo, hi = max(0, tops[c]), min(50, tops[c] + geo.band)
+            np.testing.assert_allclose(back[lo:hi, c], 1.0, atol=1e-5)
+            self.assertEqual(float(back[:lo, c].sum() + back[hi:, c].sum()), 0.0)
+        # a map that varies only across the band's rows comes back as the same rows, shifted per column
+        ramp = np.repeat(np.linspace(0, 1, 16, dtype=np.float32)[:, None], 32, axis=1)
+        back = restore_to_input(ramp, geo)
+        col = 45
+        band = back[tops[col] : tops[col] + geo.band, col]
+        self.assertTrue(np.all(np.diff(band) >= -1e-6))
+        self.assertLess(float(band[0]), 0.05)
+
+    def test_geometry_survives_json_and_collation(self):
+        from torch.utils.data import default_collate
+
+        scan, _, _ = curved_bscan()
+        _, g1 = prepare_scan(scan, (16, 32), 0.3)
+        _, g2 = prepare_scan(scan[::-1].copy(), (16, 32), 0.3)
+        self.assertEqual(ScanGeometry.from_dict(g1.as_dict()), g1)
+        batch = default_collate([g1.as_dict(), g2.as_dict()])
+        for i, g in enumerate((g1, g2)):
+            again = ScanGeometry.from_batch(batch, i)
+            np.testing.assert_allclose(again.curve, g.curve, rtol=1e-6)  # collated as float32
+            np.testing.assert_array_equal(again.column_tops(), g.column_tops())
+        straight = ScanGeometry(10, 20, 3, 5)
+        self.assertEqual(ScanGeometry.from_batch(default_collate([straight.as_dict()]), 0), straight)
+
+    def test_bad_alignment_options(self):
+        scan, _, _ = curved_bscan()
+        self.assertEqual(set(BandAlignment), {"rpe", "centre"})
+        with self.assertRaisesRegex(ValueError, "middle"):
+            prepare_scan(scan, (16, 32), alignment="middle")
+        with self.assertRaisesRegex(ValueError, "rpe_position"):
+            prepare_scan(scan, (16, 32), rpe_position=1.0)
 
 
 class TestFolders(TempDirMixin, unittest.TestCase):

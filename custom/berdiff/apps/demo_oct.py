@@ -123,11 +123,15 @@ def demo_oct(
         classes = {p.name for p in val.iterdir() if p.is_dir()}
         if "NORMAL" in classes and len(classes) > 1:
             from berdiff.apps.oct_validation import oct_validation
+            from berdiff.data.oct import DEFAULT_ALIGNMENT, DEFAULT_BAND_RATIO, DEFAULT_GRID, DEFAULT_RPE_POSITION
 
             start = time.time()
             result = oct_validation(
                 str(out_dir / "val" / "scores.csv"), str(val), out=str(out_dir / "validation.json"),
-                spatial_size=settings.get("spatial_size", (96, 192)), n_resamples=n_resamples,
+                spatial_size=settings.get("spatial_size", DEFAULT_GRID),
+                band_ratio=settings.get("band_ratio", DEFAULT_BAND_RATIO),
+                band_alignment=settings.get("band_alignment", DEFAULT_ALIGNMENT),
+                rpe_position=settings.get("rpe_position", DEFAULT_RPE_POSITION), n_resamples=n_resamples,
                 figure=str(out_dir / "overview.png"),
             )
             times["validation"] = time.time() - start

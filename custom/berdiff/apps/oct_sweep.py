@@ -28,7 +28,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from berdiff.apps.oct_validation import validation_items
-from berdiff.data.oct import DEFAULT_BAND_RATIO, prepare_scan, read_scan
+from berdiff.data.oct import DEFAULT_ALIGNMENT, DEFAULT_BAND_RATIO, DEFAULT_RPE_POSITION, prepare_scan, read_scan
 from berdiff.io.oct import ImageScore, image_score
 from berdiff.utils import atomic_write_json
 
@@ -90,6 +90,8 @@ def oct_sweep(
     seed: int = 0,
     latent_weighting: str = "confident_change",
     smooth_sigma: float = 0.0,
+    band_alignment: str = DEFAULT_ALIGNMENT,
+    rpe_position: float = DEFAULT_RPE_POSITION,
 ) -> dict[str, Any]:
     """
     Tuning-split AUROC of every (L, P, map, statistic, sigma) (module docstring).
@@ -108,6 +110,7 @@ def oct_sweep(
         seed: the pipeline's seed.
         smooth_sigma: the input smoothing of training (:func:`berdiff.data.oct.prepare_scan`).
         latent_weighting: the latent map that weights the ``anomaly`` map (a :class:`~berdiff.sampling.LatentMap`).
+        band_alignment, rpe_position: the band of training (:func:`berdiff.data.oct.prepare_scan`).
 
     Returns:
         ``{"best": {map: row}, "settings": ...}`` (the best row of each map; every row is in ``out``); a row holds
@@ -121,7 +124,14 @@ def oct_sweep(
 
     trained, desc = load_oct_pipeline(bundle_root, dev)
     grids = torch.stack(
-        [torch.as_tensor(prepare_scan(read_scan(i["image"]), desc["spatial_size"], band_ratio, smooth_sigma)[0])[None] for i in items]
+        [
+            torch.as_tensor(
+                prepare_scan(
+                    read_scan(i["image"]), desc["spatial_size"], band_ratio, smooth_sigma, band_alignment, rpe_position
+                )[0]
+            )[None]
+            for i in items
+        ]
     )
     rows: list[dict[str, Any]] = []
     for L, P in itertools.product(noise_levels, prob_thresholds):

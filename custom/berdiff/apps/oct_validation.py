@@ -26,7 +26,16 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from berdiff.data.oct import DEFAULT_BAND_RATIO, DEFAULT_GRID, NORMAL_CLASS, class_items, prepare_scan, read_scan
+from berdiff.data.oct import (
+    DEFAULT_ALIGNMENT,
+    DEFAULT_BAND_RATIO,
+    DEFAULT_GRID,
+    DEFAULT_RPE_POSITION,
+    NORMAL_CLASS,
+    class_items,
+    prepare_scan,
+    read_scan,
+)
 from berdiff.utils import atomic_write_json
 
 __all__ = [
@@ -144,7 +153,11 @@ def read_scores(path: str | os.PathLike) -> dict[str, dict[str, float]]:
 
 
 def reference_scores(
-    path: str | os.PathLike, spatial_size: Sequence[int] = DEFAULT_GRID, band_ratio: float = DEFAULT_BAND_RATIO
+    path: str | os.PathLike,
+    spatial_size: Sequence[int] = DEFAULT_GRID,
+    band_ratio: float = DEFAULT_BAND_RATIO,
+    band_alignment: str = DEFAULT_ALIGNMENT,
+    rpe_position: float = DEFAULT_RPE_POSITION,
 ) -> dict[str, float]:
     """
     No-learning scores of one scan: mean and standard deviation of the raw scan (scaled to [0, 1] by its type's
@@ -154,11 +167,11 @@ def reference_scores(
     Args:
         path: the scan.
         spatial_size: the grid.
-        band_ratio: the retina band.
+        band_ratio, band_alignment, rpe_position: the retina band (:func:`berdiff.data.oct.prepare_scan`).
     """
     raw = read_scan(path)
     top = 255.0 if raw.max() <= 255 else float(raw.max())
-    grid, _ = prepare_scan(raw, spatial_size, band_ratio)
+    grid, _ = prepare_scan(raw, spatial_size, band_ratio, alignment=band_alignment, rpe_position=rpe_position)
     return {
         "ref_raw_mean": float(raw.mean() / top),
         "ref_raw_std": float(raw.std() / top),
@@ -191,6 +204,8 @@ def oct_validation(
     out: str | None = None,
     spatial_size: Sequence[int] = DEFAULT_GRID,
     band_ratio: float = DEFAULT_BAND_RATIO,
+    band_alignment: str = DEFAULT_ALIGNMENT,
+    rpe_position: float = DEFAULT_RPE_POSITION,
     references: bool = True,
     n_resamples: int = 2000,
     figure: str | None = None,
@@ -204,7 +219,7 @@ def oct_validation(
         scores: the ``scores.csv`` of ``configs/inference.yaml`` run on ``val_dir``.
         val_dir: the validation folder (``<CLASS>/`` subfolders; ``NORMAL`` healthy).
         out: where to write the results as JSON (None: not written).
-        spatial_size, band_ratio: the grid and band of the references (the bundle's).
+        spatial_size, band_ratio, band_alignment, rpe_position: the grid and band of the references (the bundle's).
         references: also score the no-learning references.
         n_resamples: bootstrap resamples of each interval.
         figure: where to write :func:`overview_figure` (None: not drawn); the maps are read beside ``scores``.
@@ -220,7 +235,8 @@ def oct_validation(
         if missing:
             raise ValueError(f"{scores}: column {col!r} has no score for {len(missing)} scan(s), e.g. {missing[:3]}.")
     if references:
-        ref = {i["name"]: reference_scores(i["image"], spatial_size, band_ratio) for i in items}
+        ref = {i["name"]: reference_scores(i["image"], spatial_size, band_ratio, band_alignment, rpe_position)
+               for i in items}
         for key in next(iter(ref.values())):
             columns[key] = {n: r[key] for n, r in ref.items()}
     signs = {}

@@ -8,11 +8,21 @@ Preprocessing (:func:`prepare_scan`), the same for training and inference:
 
 1. read the file with :func:`berdiff.data.images2d.read_image` (colour images are converted to grey; a truncated or
    undecodable file is an error naming it) and refuse a constant ("empty") scan;
-2. find the retina: the intensity-weighted centre row of the row profile (mean over columns of the scan, minus its
-   median, negative values set to 0), and cut a band of ``round(band_ratio * width)`` rows centred on it (rows
-   outside the scan read as 0). B-scans of flattened, cropped data sets are wide and the retina is a horizontal band
-   of roughly a third of the width: the band keeps all of it and drops most of the vitreous and the deep choroid, so
-   the network's rows are spent on the layers where drusen are (under the retinal pigment epithelium);
+2. cut a band of ``round(band_ratio * width)`` rows that holds the retina (rows outside the scan read as the scan's
+   minimum), aligned as :class:`BandAlignment` says:
+
+   * ``rpe`` (the OCT bundle's default): the band follows a smooth curve fitted to the retinal pigment epithelium
+     (:func:`rpe_curve`: per column the deepest bright row, then a robust cubic fit over the columns), with the
+     curve at ``rpe_position`` of the band's height, so the scan is *flattened*: in every normal scan the RPE becomes
+     the same straight line of the grid, and a drusen, which lifts the RPE locally, is a bump above that line. The
+     fit is smooth on purpose (a cubic over the whole width): it follows the eye's curvature and tilt, not the
+     drusen;
+   * ``centre``: a straight band centred on the intensity-weighted centre row of the row profile (mean over columns,
+     minus its median, negative values set to 0).
+
+   B-scans of cropped data sets are wide and the retina is a horizontal band of roughly a fifth to a third of the
+   width: the band keeps all of it and drops most of the vitreous and the deep choroid, so the network's rows are
+   spent on the layers where drusen are (under the retinal pigment epithelium);
 3. resize the band to ``spatial_size`` (``[H, W]``, bilinear with anti-aliasing, which also averages speckle), then
    optionally smooth it with a Gaussian of ``smooth_sigma`` grid pixels (0: off, the default);
 4. scale intensities per scan to [0, 1] between the 1st and the 99.5th percentile of the band (clipped): OCT gain and
@@ -20,13 +30,13 @@ Preprocessing (:func:`prepare_scan`), the same for training and inference:
    letting a few saturated pixels compress the layers.
 
 :func:`restore_to_input` inverts steps 2-3 for a map: the grid is resized back to the band and written into the
-input's pixel grid (zero outside the band).
+input's pixel grid, column by column where the band follows the RPE (zero outside the band).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,13 +44,17 @@ from typing import Any
 import numpy as np
 import torch
 from monai.transforms import Resize
+from monai.utils import StrEnum, look_up_option
 from scipy import ndimage
 
 from berdiff.data.images2d import IMAGE_SUFFIXES, read_image
 
 __all__ = [
+    "BandAlignment",
+    "DEFAULT_ALIGNMENT",
     "DEFAULT_BAND_RATIO",
     "DEFAULT_GRID",
+    "DEFAULT_RPE_POSITION",
     "NORMAL_CLASS",
     "ScanGeometry",
     "class_items",
@@ -50,32 +64,83 @@ __all__ = [
     "read_scan",
     "restore_to_input",
     "retina_band",
+    "rpe_curve",
     "scale_scan",
 ]
 
 #: the bundle's grid ``[H, W]`` (a multiple of 16 for the ``small`` preset: 4x in the autoencoder, 4x in the denoiser)
-DEFAULT_GRID: tuple[int, int] = (96, 192)
+DEFAULT_GRID: tuple[int, int] = (64, 256)
 #: band height as a fraction of the scan's width
-DEFAULT_BAND_RATIO = 0.35
+DEFAULT_BAND_RATIO = 0.25
 #: the class folder of healthy scans
 NORMAL_CLASS = "NORMAL"
+#: where the RPE curve sits in an ``rpe``-aligned band, as a fraction of the band's height from its top
+DEFAULT_RPE_POSITION = 0.75
+#: how the band is cut (a :class:`BandAlignment`)
+DEFAULT_ALIGNMENT = "rpe"
+#: the degree of the polynomial fitted to the RPE over the columns
+RPE_FIT_DEGREE = 3
+
+
+class BandAlignment(StrEnum):
+    """
+    How the band of rows that holds the retina is cut from a scan (module docstring, step 2).
+
+    rpe: follows a smooth fit of the retinal pigment epithelium, which becomes a straight line of the grid (flattened).
+    centre: a straight band centred on the retina's intensity-weighted centre row.
+    """
+
+    RPE = "rpe"
+    CENTRE = "centre"
 
 
 @dataclass(frozen=True)
 class ScanGeometry:
     """
-    Where the grid came from in the input scan: the input's ``height`` x ``width`` and the band of rows
-    ``[top, top + band)`` (``top`` may be negative and the band may end below the scan: those rows were zeros).
+    Where the grid came from in the input scan: the input's ``height`` x ``width`` and, in every column, the band of
+    rows ``[top_c, top_c + band)`` (``top_c`` may be negative and the band may end below the scan: those rows read as
+    the scan's minimum). A straight band has ``top_c = top``; a band that follows the RPE has
+    ``top_c = round(polyval(curve, x_c))`` with ``x_c`` the column on ``[-1, 1]`` (``curve``: the polynomial's
+    coefficients, highest degree first, as :func:`numpy.polyval` takes them), and ``top`` is the mean of ``top_c``.
     """
 
     height: int
     width: int
     top: int
     band: int
+    curve: tuple[float, ...] = ()
 
-    def as_dict(self) -> dict[str, int]:
-        """The fields as a plain dict (collatable by a DataLoader, JSON-safe)."""
-        return {k: int(v) for k, v in asdict(self).items()}
+    def column_tops(self) -> np.ndarray:
+        """The first row of the band in every column, int64 ``(width,)``."""
+        if not self.curve:
+            return np.full(self.width, self.top, dtype=np.int64)
+        x = np.linspace(-1.0, 1.0, self.width)
+        return np.round(np.polyval(np.asarray(self.curve, dtype=np.float64), x)).astype(np.int64)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (collatable by a DataLoader, JSON-safe): ints, and ``curve`` as a list."""
+        out: dict[str, Any] = {k: int(v) for k, v in asdict(self).items() if k != "curve"}
+        if self.curve:
+            out["curve"] = [float(c) for c in self.curve]
+        return out
+
+    @classmethod
+    def from_dict(cls, geometry: Mapping[str, Any]) -> ScanGeometry:
+        """The geometry of :meth:`as_dict` (ints or 0-d tensors, ``curve`` a list of numbers or a 1-d tensor)."""
+        curve = geometry.get("curve", ())
+        curve = tuple(float(c) for c in (curve.reshape(-1).tolist() if hasattr(curve, "reshape") else curve))
+        return cls(**{k: int(geometry[k]) for k in ("height", "width", "top", "band")}, curve=curve)
+
+    @staticmethod
+    def from_batch(geometry: Mapping[str, Any], index: int) -> ScanGeometry:
+        """The geometry of item ``index`` of a DataLoader-collated batch of :meth:`as_dict` dicts."""
+        item: dict[str, Any] = {}
+        for k, v in geometry.items():
+            if k == "curve":
+                item[k] = [float(c[index]) for c in v] if isinstance(v, (list, tuple)) else v[index]
+            else:
+                item[k] = v[index]
+        return ScanGeometry.from_dict(item)
 
 
 def list_scans(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
@@ -170,6 +235,56 @@ def retina_band(image: np.ndarray, band_ratio: float = DEFAULT_BAND_RATIO) -> tu
     return top, band
 
 
+def rpe_curve(
+    image: np.ndarray, degree: int = RPE_FIT_DEGREE, bright_fraction: float = 0.6, iterations: int = 6
+) -> np.ndarray:
+    """
+    A smooth curve along the retinal pigment epithelium (RPE) of a B-scan: the coefficients (highest degree first)
+    of a polynomial in the column ``x`` on ``[-1, 1]`` that gives the RPE's row.
+
+    The RPE is the deepest bright layer of the retina. After a Gaussian smoothing (2 rows x 4 columns) that averages
+    the speckle, each column's estimate is the brightest row within 6 rows above the deepest row that reaches
+    ``bright_fraction`` of the column's maximum; a median over 31 columns removes isolated misses (vessel shadows),
+    and an iteratively reweighted least-squares fit (weights ``min(1, 2 MAD / |residual|)``) of degree ``degree``
+    keeps what is left of them from pulling the curve. A smooth fit follows the eye's curvature, not the drusen.
+
+    Args:
+        image: ``(H, W)`` scan in any value range.
+        degree: the polynomial degree (>= 0).
+        bright_fraction: the share of a column's maximum that counts as bright, in ``(0, 1)``.
+        iterations: reweighting rounds of the fit.
+
+    Raises:
+        ValueError: a bad argument or an image that is not 2D.
+    """
+    image = np.asarray(image, dtype=np.float64)
+    if image.ndim != 2:
+        raise ValueError(f"a scan must be 2D (H, W), got shape {image.shape}.")
+    if not 0.0 < bright_fraction < 1.0:
+        raise ValueError(f"bright_fraction must be in (0, 1), got {bright_fraction!r}.")
+    if int(degree) < 0 or int(iterations) < 1:
+        raise ValueError(f"degree must be >= 0 and iterations >= 1, got {degree!r}, {iterations!r}.")
+    height, width = image.shape
+    smooth = ndimage.gaussian_filter(image, (2.0, 4.0), mode="nearest")
+    smooth = smooth - smooth.min(axis=0, keepdims=True)
+    bright = smooth >= bright_fraction * smooth.max(axis=0, keepdims=True)
+    deepest = np.where(bright, np.arange(height)[:, None], 0).max(axis=0)
+    window = np.arange(-6, 1)[:, None]
+    rows = np.clip(deepest[None, :] + window, 0, height - 1)
+    estimate = rows[np.argmax(np.take_along_axis(smooth, rows, axis=0), axis=0), np.arange(width)].astype(np.float64)
+    estimate = ndimage.median_filter(estimate, size=min(31, width), mode="nearest")
+    x = np.linspace(-1.0, 1.0, width)
+    deg = min(int(degree), max(width - 1, 0))
+    weights = np.ones(width)
+    coeffs = np.polyfit(x, estimate, deg)
+    for _ in range(int(iterations)):
+        coeffs = np.polyfit(x, estimate, deg, w=np.sqrt(weights))
+        residual = np.abs(estimate - np.polyval(coeffs, x))
+        mad = float(np.median(residual)) + 1e-3
+        weights = np.minimum(1.0, 2.0 * mad / np.maximum(residual, 1e-12))
+    return coeffs
+
+
 def scale_scan(image: np.ndarray, low: float = 1.0, high: float = 99.5) -> np.ndarray:
     """
     Per-scan intensity scaling to [0, 1] between two percentiles, clipped (module docstring, step 4).
@@ -205,6 +320,8 @@ def prepare_scan(
     spatial_size: Sequence[int] | int = DEFAULT_GRID,
     band_ratio: float = DEFAULT_BAND_RATIO,
     smooth_sigma: float = 0.0,
+    alignment: str = DEFAULT_ALIGNMENT,
+    rpe_position: float = DEFAULT_RPE_POSITION,
 ) -> tuple[np.ndarray, ScanGeometry]:
     """
     A scan on the bundle's grid (module docstring, steps 2-4) and where it came from.
@@ -212,34 +329,47 @@ def prepare_scan(
     Args:
         image: ``(H, W)`` scan in any value range.
         spatial_size: the grid ``[H, W]`` (an int: a square).
-        band_ratio: see :func:`retina_band`.
+        band_ratio: the band's height as a fraction of the scan's width (> 0), see :func:`retina_band`.
         smooth_sigma: Gaussian smoothing on the grid, in grid pixels (>= 0; 0: none).
+        alignment: the :class:`BandAlignment` of the band (``centre``: the straight band of earlier versions).
+        rpe_position: for ``rpe``: where the RPE curve sits in the band, as a fraction of its height from the top,
+            in ``(0, 1)``.
 
     Returns:
         ``(grid, geometry)``: float32 ``spatial_size`` array in [0, 1] and a :class:`ScanGeometry`.
     """
     grid_size = _check_grid(spatial_size)
+    alignment = look_up_option(alignment, BandAlignment)
+    if not smooth_sigma >= 0:
+        raise ValueError(f"smooth_sigma must be >= 0, got {smooth_sigma!r}.")
+    if not 0.0 < rpe_position < 1.0:
+        raise ValueError(f"rpe_position must be in (0, 1), got {rpe_position!r}.")
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 2:
         raise ValueError(f"a scan must be 2D (H, W), got shape {image.shape}.")
     height, width = image.shape
     top, band = retina_band(image, band_ratio)
-    pad_before, pad_after = max(0, -top), max(0, top + band - height)
-    padded = np.pad(image, ((pad_before, pad_after), (0, 0)), mode="constant", constant_values=float(image.min()))
-    crop = padded[top + pad_before : top + pad_before + band]
-    if not smooth_sigma >= 0:
-        raise ValueError(f"smooth_sigma must be >= 0, got {smooth_sigma!r}.")
-    grid = _resize(crop, grid_size, anti_aliasing=True)
+    if alignment == BandAlignment.RPE:
+        curve = rpe_curve(image)
+        curve[-1] -= rpe_position * band
+        geometry = ScanGeometry(height, width, 0, band, tuple(float(c) for c in curve))
+        geometry = ScanGeometry(height, width, int(round(geometry.column_tops().mean())), band, geometry.curve)
+    else:
+        geometry = ScanGeometry(height=height, width=width, top=top, band=band)
+    rows = geometry.column_tops()[None, :] + np.arange(band)[:, None]
+    inside = (rows >= 0) & (rows < height)
+    crop = np.where(inside, image[np.clip(rows, 0, height - 1), np.arange(width)[None, :]], float(image.min()))
+    grid = _resize(crop.astype(np.float32), grid_size, anti_aliasing=True)
     if smooth_sigma > 0:
         grid = ndimage.gaussian_filter(grid, sigma=float(smooth_sigma), mode="nearest")
     grid = scale_scan(grid)
-    return grid, ScanGeometry(height=height, width=width, top=top, band=band)
+    return grid, geometry
 
 
-def restore_to_input(grid_map: np.ndarray | torch.Tensor, geometry: ScanGeometry | dict[str, Any]) -> np.ndarray:
+def restore_to_input(grid_map: np.ndarray | torch.Tensor, geometry: ScanGeometry | Mapping[str, Any]) -> np.ndarray:
     """
-    A map on the grid written back onto the input scan's pixel grid: resized (bilinear) to the band, rows outside
-    the scan dropped, zero outside the band.
+    A map on the grid written back onto the input scan's pixel grid: resized (bilinear) to the band, placed column
+    by column at the band's rows, rows outside the scan dropped, zero outside the band.
 
     Args:
         grid_map: ``(H, W)`` (or ``(1, H, W)``) map on the grid.
@@ -248,15 +378,17 @@ def restore_to_input(grid_map: np.ndarray | torch.Tensor, geometry: ScanGeometry
     Returns:
         float32 ``(height, width)`` array.
     """
-    g = geometry if isinstance(geometry, ScanGeometry) else ScanGeometry(**{k: int(v) for k, v in geometry.items()})
+    g = geometry if isinstance(geometry, ScanGeometry) else ScanGeometry.from_dict(geometry)
     arr = torch.as_tensor(grid_map).detach().cpu().float().numpy()
     arr = np.squeeze(arr)
     if arr.ndim != 2:
         raise ValueError(f"a grid map must be 2D (H, W), got shape {arr.shape}.")
     band = _resize(arr, (g.band, g.width), anti_aliasing=False)
     out = np.zeros((g.height, g.width), dtype=np.float32)
-    lo, hi = max(0, g.top), min(g.height, g.top + g.band)
-    out[lo:hi] = band[lo - g.top : hi - g.top]
+    rows = g.column_tops()[None, :] + np.arange(g.band)[:, None]
+    cols = np.broadcast_to(np.arange(g.width)[None, :], rows.shape)
+    inside = (rows >= 0) & (rows < g.height)
+    out[rows[inside], cols[inside]] = band[inside]
     return out
 
 
@@ -265,6 +397,8 @@ def load_scan(
     spatial_size: Sequence[int] | int = DEFAULT_GRID,
     band_ratio: float = DEFAULT_BAND_RATIO,
     smooth_sigma: float = 0.0,
+    alignment: str = DEFAULT_ALIGNMENT,
+    rpe_position: float = DEFAULT_RPE_POSITION,
 ) -> torch.Tensor:
     """
     One scan file as a ``(1, H, W)`` float32 tensor in [0, 1] on the grid (the training loader of the OCT bundle).
@@ -272,8 +406,7 @@ def load_scan(
     Args:
         path: the image file.
         spatial_size: the grid ``[H, W]``.
-        band_ratio: see :func:`retina_band`.
-        smooth_sigma: see :func:`prepare_scan`.
+        band_ratio, smooth_sigma, alignment, rpe_position: see :func:`prepare_scan`.
     """
-    grid, _ = prepare_scan(read_scan(path), spatial_size, band_ratio, smooth_sigma)
+    grid, _ = prepare_scan(read_scan(path), spatial_size, band_ratio, smooth_sigma, alignment, rpe_position)
     return torch.as_tensor(grid)[None]

@@ -28,7 +28,17 @@ from monai.utils import StrEnum, look_up_option
 from scipy import ndimage
 
 from berdiff.data.images2d import stem
-from berdiff.data.oct import DEFAULT_BAND_RATIO, DEFAULT_GRID, list_scans, prepare_scan, read_scan, restore_to_input
+from berdiff.data.oct import (
+    DEFAULT_ALIGNMENT,
+    DEFAULT_BAND_RATIO,
+    DEFAULT_GRID,
+    DEFAULT_RPE_POSITION,
+    ScanGeometry,
+    list_scans,
+    prepare_scan,
+    read_scan,
+    restore_to_input,
+)
 from berdiff.io.datalists import MissingData
 from berdiff.utils import atomic_write, atomic_write_bytes
 from berdiff.validation.errors import exit_on_error
@@ -124,6 +134,8 @@ def scan_item(
     spatial_size: Sequence[int] = DEFAULT_GRID,
     band_ratio: float = DEFAULT_BAND_RATIO,
     smooth_sigma: float = 0.0,
+    alignment: str = DEFAULT_ALIGNMENT,
+    rpe_position: float = DEFAULT_RPE_POSITION,
 ) -> dict[str, Any]:
     """
     The dataset transform of inference: ``item`` with ``image`` read and put on the grid (``(1, H, W)`` float32) and
@@ -133,9 +145,12 @@ def scan_item(
         item: a :func:`scan_items` item.
         spatial_size: the grid ``[H, W]`` of the weights.
         band_ratio: the retina band of training (:func:`berdiff.data.oct.retina_band`).
-        smooth_sigma: the smoothing of training (:func:`berdiff.data.oct.prepare_scan`).
+        smooth_sigma, alignment, rpe_position: the smoothing and band alignment of training
+            (:func:`berdiff.data.oct.prepare_scan`).
     """
-    grid, geometry = prepare_scan(read_scan(item["image"]), spatial_size, band_ratio, smooth_sigma)
+    grid, geometry = prepare_scan(
+        read_scan(item["image"]), spatial_size, band_ratio, smooth_sigma, alignment, rpe_position
+    )
     return {**item, "image": torch.as_tensor(grid)[None], "geometry": geometry.as_dict()}
 
 
@@ -323,7 +338,7 @@ class OCTOutputWriter:
         pred = output["pred"] if isinstance(output, Mapping) else output
         geometry = batch["geometry"]
         for i, name in enumerate(batch["name"]):
-            geo = {k: int(v[i]) for k, v in geometry.items()}
+            geo = ScanGeometry.from_batch(geometry, i)
             row: dict[str, Any] = {"image": name}
             maps = {}
             for c, key in enumerate(self.channel_names):
