@@ -49,6 +49,18 @@ class TestImageScore(unittest.TestCase):
             image_score(np.zeros((4, 4)), "median")
         with self.assertRaisesRegex(ValueError, "sigma"):
             image_score(np.zeros((4, 4)), "mean", -1)
+        for rows in ([0.5], [0.8, 0.2], [0.0, 1.5]):
+            with self.assertRaisesRegex(ValueError, "score rows"):
+                image_score(np.zeros((4, 4)), "mean", 0, rows)
+
+    def test_rows_select_the_scored_layers(self):
+        m = np.zeros((20, 10))
+        m[2:4] = 1.0  # a change far above the RPE band
+        m[12, 3] = 0.5
+        self.assertAlmostEqual(image_score(m, "max", 0, [0.5, 0.8]), 0.5)  # rows 10..15 only
+        self.assertAlmostEqual(image_score(m, "mean", 0, [0.5, 0.8]), float(m[10:16].mean()))
+        self.assertAlmostEqual(image_score(m, "max", 0, None), 1.0)
+        self.assertAlmostEqual(image_score(m, "mean", 0, [0.0, 1.0]), float(m.mean()))
 
 
 class TestOutputs(TempDirMixin, unittest.TestCase):

@@ -73,18 +73,27 @@ class ImageScore(StrEnum):
     TOP1 = "top1"
 
 
-def image_score(grid_map: np.ndarray | torch.Tensor, statistic: str = ImageScore.P99, sigma: float = 2.0) -> float:
+def image_score(
+    grid_map: np.ndarray | torch.Tensor,
+    statistic: str = ImageScore.P99,
+    sigma: float = 2.0,
+    rows: Sequence[float] | None = None,
+) -> float:
     """
     One number per scan (higher = more abnormal): :class:`ImageScore` ``statistic`` of the map smoothed with a
-    Gaussian of ``sigma`` pixels.
+    Gaussian of ``sigma`` pixels, over the grid rows ``rows`` selects.
 
     Args:
         grid_map: ``(H, W)`` (or ``(1, H, W)``) map.
         statistic: an :class:`ImageScore` name.
         sigma: Gaussian smoothing in pixels, >= 0 (0: none).
+        rows: ``[start, stop]``, fractions of the grid's height in ``[0, 1]``: only rows
+            ``int(start * H) <= r < int(stop * H)`` are scored (after the smoothing); None: all rows. On a band
+            flattened along the RPE (:class:`berdiff.data.oct.BandAlignment`) these are the same tissue layers in
+            every scan, e.g. the RPE and the outer retina above it, where drusen are.
 
     Raises:
-        ValueError: an unknown statistic or a negative sigma.
+        ValueError: an unknown statistic, a negative sigma or bad rows.
     """
     try:
         look_up_option(statistic, ImageScore)
@@ -92,9 +101,17 @@ def image_score(grid_map: np.ndarray | torch.Tensor, statistic: str = ImageScore
         raise ValueError(f"image score must be one of {[m.value for m in ImageScore]}, got {statistic!r}.") from None
     if not sigma >= 0:
         raise ValueError(f"score sigma must be >= 0, got {sigma!r}.")
+    if rows is not None:
+        rows = [float(r) for r in rows]
+        if len(rows) != 2 or not 0.0 <= rows[0] < rows[1] <= 1.0:
+            raise ValueError(f"score rows must be [start, stop] with 0 <= start < stop <= 1, got {rows!r}.")
     arr = np.squeeze(torch.as_tensor(grid_map).detach().cpu().double().numpy())
     if sigma > 0:
         arr = ndimage.gaussian_filter(arr, sigma=float(sigma), mode="nearest")
+    if rows is not None and arr.ndim == 2:
+        height = arr.shape[0]
+        start, stop = int(rows[0] * height), max(int(rows[1] * height), int(rows[0] * height) + 1)
+        arr = arr[start:stop]
     flat = arr.ravel()
     if statistic == ImageScore.MEAN:
         return float(flat.mean())
@@ -296,6 +313,7 @@ class OCTOutputWriter:
             (column ``score``), the others get ``score_<name>`` columns.
         statistic: the :class:`ImageScore` of every map.
         sigma: the smoothing of :func:`image_score`, in grid pixels.
+        rows: the grid rows scored by :func:`image_score` (None: all).
         png_max: the map value shown white in the PNG files (None: each map's maximum).
         write_maps: the channel names whose maps are written as files (None: all).
     """
@@ -308,14 +326,16 @@ class OCTOutputWriter:
         sigma: float = 2.0,
         png_max: float | None = None,
         write_maps: Sequence[str] | None = None,
+        rows: Sequence[float] | None = None,
     ) -> None:
-        image_score(np.zeros((2, 2)), statistic, sigma)  # validates statistic and sigma
+        image_score(np.zeros((2, 2)), statistic, sigma, rows)  # validates statistic, sigma and rows
         if not channel_names:
             raise ValueError("channel_names must name at least the anomaly map.")
         self.output_dir = os.fspath(output_dir)
         self.channel_names = list(channel_names)
         self.statistic = statistic
         self.sigma = float(sigma)
+        self.score_rows = None if rows is None else [float(r) for r in rows]
         self.png_max = png_max
         self.write_maps = None if write_maps is None else set(write_maps)
         self.rows: list[dict[str, Any]] = []
@@ -343,7 +363,7 @@ class OCTOutputWriter:
             maps = {}
             for c, key in enumerate(self.channel_names):
                 grid_map = pred[i, c]
-                score = image_score(grid_map, self.statistic, self.sigma)
+                score = image_score(grid_map, self.statistic, self.sigma, self.score_rows)
                 row["score" if c == 0 else f"score_{key}"] = score
                 if self.write_maps is None or key in self.write_maps:
                     maps[key] = restore_to_input(grid_map, geo)
