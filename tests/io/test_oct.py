@@ -52,6 +52,9 @@ class TestImageScore(unittest.TestCase):
         for rows in ([0.5], [0.8, 0.2], [0.0, 1.5]):
             with self.assertRaisesRegex(ValueError, "score rows"):
                 image_score(np.zeros((4, 4)), "mean", 0, rows)
+        for cols in ([0.5], [0.8, 0.2], [-0.1, 0.5], "ab"):
+            with self.assertRaisesRegex(ValueError, "score columns"):
+                image_score(np.zeros((4, 4)), "mean", 0, None, cols)
 
     def test_rows_select_the_scored_layers(self):
         m = np.zeros((20, 10))
@@ -61,6 +64,17 @@ class TestImageScore(unittest.TestCase):
         self.assertAlmostEqual(image_score(m, "mean", 0, [0.5, 0.8]), float(m[10:16].mean()))
         self.assertAlmostEqual(image_score(m, "max", 0, None), 1.0)
         self.assertAlmostEqual(image_score(m, "mean", 0, [0.0, 1.0]), float(m.mean()))
+
+    def test_cols_leave_out_the_lateral_borders(self):
+        m = np.zeros((20, 40))
+        m[12, 0:2] = 1.0  # a change at the scan's left border
+        m[12, 38:40] = 0.75  # and at its right border
+        m[12, 20] = 0.5
+        self.assertAlmostEqual(image_score(m, "max", 0, [0.5, 0.8], [0.05, 0.95]), 0.5)  # columns 2..37 only
+        self.assertAlmostEqual(image_score(m, "max", 0, [0.5, 0.8], [0.0, 0.97]), 1.0)
+        self.assertAlmostEqual(image_score(m, "max", 0, [0.5, 0.8], [0.05, 1.0]), 0.75)
+        self.assertAlmostEqual(image_score(m, "mean", 0, None, [0.25, 0.75]), float(m[:, 10:30].mean()))
+        self.assertAlmostEqual(image_score(m, "mean", 0, [0.5, 0.8], [0.25, 0.75]), float(m[10:16, 10:30].mean()))
 
 
 class TestOutputs(TempDirMixin, unittest.TestCase):

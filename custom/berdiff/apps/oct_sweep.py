@@ -93,6 +93,7 @@ def oct_sweep(
     band_alignment: str = DEFAULT_ALIGNMENT,
     rpe_position: float = DEFAULT_RPE_POSITION,
     score_rows: Sequence[float] | None = (0.45, 0.85),
+    score_cols: Sequence[float] | None = (0.05, 0.95),
 ) -> dict[str, Any]:
     """
     Tuning-split AUROC of every (L, P, map, statistic, sigma) (module docstring).
@@ -113,6 +114,7 @@ def oct_sweep(
         latent_weighting: the latent map that weights the ``anomaly`` map (a :class:`~berdiff.sampling.LatentMap`).
         band_alignment, rpe_position: the band of training (:func:`berdiff.data.oct.prepare_scan`).
         score_rows: the grid rows every score reads (:func:`berdiff.io.oct.image_score`; None: all).
+        score_cols: the grid columns every score reads (None: all).
 
     Returns:
         ``{"best": {map: row}, "settings": ...}`` (the best row of each map; every row is in ``out``); a row holds
@@ -149,9 +151,13 @@ def oct_sweep(
             for name, key in SWEEP_MAPS.items():
                 outputs[name] += list(res[key][:, 0].float().cpu().numpy())
         for name, stat, sigma in itertools.product(SWEEP_MAPS, [m.value for m in ImageScore], sigmas):
-            scores = [image_score(outputs[name][k], stat, sigma, score_rows) for k in tuning]
-            rows.append({"noise_level": int(L), "prob_threshold": float(P), "map": name, "statistic": stat,
-                         "sigma": float(sigma), "score_rows": None if score_rows is None else list(score_rows), "tuning_auroc": float(roc_auc_score(labels, scores))})
+            scores = [image_score(outputs[name][k], stat, sigma, score_rows, score_cols) for k in tuning]
+            rows.append({
+                "noise_level": int(L), "prob_threshold": float(P), "map": name, "statistic": stat,
+                "sigma": float(sigma), "score_rows": None if score_rows is None else list(score_rows),
+                "score_cols": None if score_cols is None else list(score_cols),
+                "tuning_auroc": float(roc_auc_score(labels, scores)),
+            })
         print(f"L={L} P={P}: {time.time() - start:.1f} s", flush=True)
     best: dict[str, Any] = {}
     for row in rows:

@@ -73,15 +73,29 @@ class ImageScore(StrEnum):
     TOP1 = "top1"
 
 
+def _fractions(what: str, value: Sequence[float] | None) -> list[float] | None:
+    """``value`` as ``[start, stop]`` fractions with ``0 <= start < stop <= 1`` (None passes through)."""
+    if value is None:
+        return None
+    try:
+        fractions = [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise ValueError(f"score {what} must be [start, stop] fractions, got {value!r}.") from None
+    if len(fractions) != 2 or not 0.0 <= fractions[0] < fractions[1] <= 1.0:
+        raise ValueError(f"score {what} must be [start, stop] with 0 <= start < stop <= 1, got {value!r}.")
+    return fractions
+
+
 def image_score(
     grid_map: np.ndarray | torch.Tensor,
     statistic: str = ImageScore.P99,
     sigma: float = 2.0,
     rows: Sequence[float] | None = None,
+    cols: Sequence[float] | None = None,
 ) -> float:
     """
     One number per scan (higher = more abnormal): :class:`ImageScore` ``statistic`` of the map smoothed with a
-    Gaussian of ``sigma`` pixels, over the grid rows ``rows`` selects.
+    Gaussian of ``sigma`` pixels, over the grid rows ``rows`` and the grid columns ``cols`` select.
 
     Args:
         grid_map: ``(H, W)`` (or ``(1, H, W)``) map.
@@ -91,9 +105,12 @@ def image_score(
             ``int(start * H) <= r < int(stop * H)`` are scored (after the smoothing); None: all rows. On a band
             flattened along the RPE (:class:`berdiff.data.oct.BandAlignment`) these are the same tissue layers in
             every scan, e.g. the RPE and the outer retina above it, where drusen are.
+        cols: ``[start, stop]``, fractions of the grid's width in ``[0, 1]``, read like ``rows`` (None: all
+            columns), e.g. ``[0.05, 0.95]`` leaves out the scan's lateral borders, where the band's fit is
+            extrapolated and the optic nerve head or the scan's edge may lie.
 
     Raises:
-        ValueError: an unknown statistic, a negative sigma or bad rows.
+        ValueError: an unknown statistic, a negative sigma or bad rows or columns.
     """
     try:
         look_up_option(statistic, ImageScore)
@@ -101,17 +118,17 @@ def image_score(
         raise ValueError(f"image score must be one of {[m.value for m in ImageScore]}, got {statistic!r}.") from None
     if not sigma >= 0:
         raise ValueError(f"score sigma must be >= 0, got {sigma!r}.")
-    if rows is not None:
-        rows = [float(r) for r in rows]
-        if len(rows) != 2 or not 0.0 <= rows[0] < rows[1] <= 1.0:
-            raise ValueError(f"score rows must be [start, stop] with 0 <= start < stop <= 1, got {rows!r}.")
+    rows, cols = _fractions("rows", rows), _fractions("columns", cols)
     arr = np.squeeze(torch.as_tensor(grid_map).detach().cpu().double().numpy())
     if sigma > 0:
         arr = ndimage.gaussian_filter(arr, sigma=float(sigma), mode="nearest")
-    if rows is not None and arr.ndim == 2:
-        height = arr.shape[0]
-        start, stop = int(rows[0] * height), max(int(rows[1] * height), int(rows[0] * height) + 1)
-        arr = arr[start:stop]
+    if arr.ndim == 2:
+        for axis, fractions in ((0, rows), (1, cols)):
+            if fractions is not None:
+                size = arr.shape[axis]
+                start = int(fractions[0] * size)
+                stop = max(int(fractions[1] * size), start + 1)
+                arr = arr[start:stop] if axis == 0 else arr[:, start:stop]
     flat = arr.ravel()
     if statistic == ImageScore.MEAN:
         return float(flat.mean())
@@ -314,6 +331,7 @@ class OCTOutputWriter:
         statistic: the :class:`ImageScore` of every map.
         sigma: the smoothing of :func:`image_score`, in grid pixels.
         rows: the grid rows scored by :func:`image_score` (None: all).
+        cols: the grid columns scored by :func:`image_score` (None: all).
         png_max: the map value shown white in the PNG files (None: each map's maximum).
         write_maps: the channel names whose maps are written as files (None: all).
     """
@@ -327,8 +345,9 @@ class OCTOutputWriter:
         png_max: float | None = None,
         write_maps: Sequence[str] | None = None,
         rows: Sequence[float] | None = None,
+        cols: Sequence[float] | None = None,
     ) -> None:
-        image_score(np.zeros((2, 2)), statistic, sigma, rows)  # validates statistic, sigma and rows
+        image_score(np.zeros((2, 2)), statistic, sigma, rows, cols)  # validates statistic, sigma, rows and columns
         if not channel_names:
             raise ValueError("channel_names must name at least the anomaly map.")
         self.output_dir = os.fspath(output_dir)
@@ -336,6 +355,7 @@ class OCTOutputWriter:
         self.statistic = statistic
         self.sigma = float(sigma)
         self.score_rows = None if rows is None else [float(r) for r in rows]
+        self.score_cols = None if cols is None else [float(c) for c in cols]
         self.png_max = png_max
         self.write_maps = None if write_maps is None else set(write_maps)
         self.rows: list[dict[str, Any]] = []
@@ -363,7 +383,7 @@ class OCTOutputWriter:
             maps = {}
             for c, key in enumerate(self.channel_names):
                 grid_map = pred[i, c]
-                score = image_score(grid_map, self.statistic, self.sigma, self.score_rows)
+                score = image_score(grid_map, self.statistic, self.sigma, self.score_rows, self.score_cols)
                 row["score" if c == 0 else f"score_{key}"] = score
                 if self.write_maps is None or key in self.write_maps:
                     maps[key] = restore_to_input(grid_map, geo)
