@@ -170,6 +170,11 @@ class TestMaskedBernoulliInferer(unittest.TestCase):
         # far from the healed region (decoder receptive field aside) nothing changed
         self.assertLess(a["anomaly_map"][..., 14:, :2].max().item(), b["anomaly_map"][..., 14:, :2].max().item() + 1e-6)
         self.assertGreater(a["anomaly_map"].max().item(), 0.0)
+        # the paper's map (against the input) is kept beside it, and is the residual map of the input reference
+        self.assertTrue(torch.allclose(a["input_residual_map"], ((a["reconstruction"] - x) ** 2).sum(1, keepdim=True)))
+        self.assertTrue(torch.equal(a["input_residual_map"], b["residual_map"]))
+        self.assertTrue(torch.equal(b["input_residual_map"], b["residual_map"]))
+        self.assertFalse(torch.allclose(a["input_residual_map"], a["residual_map"]))
         with self.assertRaises(ValueError):
             MaskedBernoulliInferer(sch, anomaly_reference="healthy", **kw)
 

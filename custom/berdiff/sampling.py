@@ -301,6 +301,8 @@ class MaskedBernoulliSampler:
         Returns:
             a dict with ``reconstruction`` (B, C, ...), ``residual_map`` (B, 1, ...): the squared residual summed over
             channels (against the input, or the autoencoder's reconstruction, see ``anomaly_reference``),
+            ``input_residual_map`` (B, 1, ...): the squared residual against the input (the paper's map; the same
+            tensor as ``residual_map`` unless ``anomaly_reference="autoencoder"``),
             ``anomaly_map`` (B, 1, ...): the residual map, weighted by a latent map with ``latent_weighting``,
             ``autoencoder_map`` (B, 1, ...; with ``autoencoder_map=True``): the autoencoder-only map
             ``sum_c (D(z_in) - x)^2`` (what the map would be without the diffusion model), the latent maps
@@ -356,7 +358,9 @@ class MaskedBernoulliSampler:
             LatentMap.FLIP_PROBABILITY: flip_sum / len(timesteps),
             LatentMap.CONFIDENT_CHANGE: confident_sum / len(timesteps),
         }
-        outputs = {"reconstruction": reconstruction, "residual_map": anomaly_map}
+        # the paper's map (the residual against the input) is kept whatever the reference of anomaly_map is
+        input_residual = self.residual(reconstruction, inputs.float(), inputs) if ae_reference else anomaly_map
+        outputs = {"reconstruction": reconstruction, "residual_map": anomaly_map, "input_residual_map": input_residual}
         if self.autoencoder_map:
             outputs["autoencoder_map"] = self.residual(ae_reconstruction, inputs.float(), inputs)
         for name, value in latent.items():

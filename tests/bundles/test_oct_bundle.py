@@ -153,7 +153,7 @@ class TestOctTrainingAndInference(TempDirClassMixin, unittest.TestCase):
         os.symlink(os.path.join(self.tmp, "models"), os.path.join(bundle, "models"))
         with contextlib.redirect_stdout(io.StringIO()):
             sweep = oct_sweep(bundle, val, noise_levels=[4], prob_thresholds=[0.5], num_inference_steps=2, sigmas=[0.0])
-        self.assertEqual(len(sweep["best"]), 8)  # every map
+        self.assertEqual(len(sweep["best"]), 9)  # every map
         self.assertEqual(sweep["settings"]["n_tuning"], 2)
 
 

@@ -137,6 +137,21 @@ class TestAnomalyPipeline(unittest.TestCase):
         plain = tiny_pipeline(output_keys=("anomaly_map",))(x)
         self.assertTrue(torch.allclose(plain[:, 0], residual))
 
+    def test_input_residual_with_the_autoencoder_reference(self):
+        keys = ("anomaly_map", "residual_map", "input_residual_map", "reconstruction")
+        x = torch.rand(3, 2, 16, 16)
+        x[1] = 0.0  # an empty slice: the partial path too
+        out = tiny_pipeline(output_keys=keys, anomaly_reference="autoencoder")(x)
+        self.assertEqual(out.shape, (3, 5, 16, 16))
+        self.assertEqual(out[1, :3].abs().max().item(), 0.0)
+        # the paper's map: the reconstruction against the input, what the input reference gives as its anomaly map
+        recon = out[:, 3:]
+        self.assertTrue(torch.allclose(out[:, 2], ((recon - x) ** 2).sum(1)))
+        plain = tiny_pipeline(output_keys=("anomaly_map",))(x)
+        self.assertTrue(torch.allclose(plain[:, 0], out[:, 2]))
+        self.assertTrue(torch.equal(out[:, 0], out[:, 1]))  # no latent weighting
+        self.assertFalse(torch.allclose(out[[0, 2], 1], out[[0, 2], 2]))  # against the autoencoder: another map
+
     def test_nan_input_rejected(self):
         pipe = tiny_pipeline()
         x = torch.rand(1, 2, 16, 16)

@@ -11,8 +11,9 @@ split only (:func:`berdiff.apps.oct_validation.validation_items`). The untouched
 networks), but their labels are not read here: choose the settings from this sweep's table, then measure them with
 ``configs/inference.yaml`` and ``python -m berdiff oct_validation``.
 
-Maps: ``anomaly`` (the residual weighted by a latent map, ``latent_weighting``), ``residual`` (the paper's
-map: the residual alone), ``autoencoder`` (no diffusion), and the latent maps.
+Maps: ``anomaly`` (the residual weighted by a latent map, ``latent_weighting``), ``residual`` (the residual
+alone, against ``anomaly_reference``), ``input_residual`` (the paper's map: the residual against the input),
+``autoencoder`` (no diffusion), and the latent maps.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = ["SWEEP_MAPS", "load_oct_pipeline", "oct_sweep"]
 SWEEP_MAPS: dict[str, str] = {
     "anomaly": "anomaly_map",
     "residual": "residual_map",
+    "input_residual": "input_residual_map",
     "autoencoder": "autoencoder_map",
     "latent_confident_change": "latent_confident_change",
     "latent_code_change": "latent_code_change",
@@ -89,10 +91,11 @@ def oct_sweep(
     device: str | None = None,
     seed: int = 0,
     latent_weighting: str = "confident_change",
+    anomaly_reference: str = "autoencoder",
     smooth_sigma: float = 0.0,
     band_alignment: str = DEFAULT_ALIGNMENT,
     rpe_position: float = DEFAULT_RPE_POSITION,
-    score_rows: Sequence[float] | None = (0.45, 0.85),
+    score_rows: Sequence[float] | None = (0.25, 0.92),
     score_cols: Sequence[float] | None = (0.05, 0.95),
 ) -> dict[str, Any]:
     """
@@ -112,6 +115,8 @@ def oct_sweep(
         seed: the pipeline's seed.
         smooth_sigma: the input smoothing of training (:func:`berdiff.data.oct.prepare_scan`).
         latent_weighting: the latent map that weights the ``anomaly`` map (a :class:`~berdiff.sampling.LatentMap`).
+        anomaly_reference: what the ``anomaly`` and ``residual`` maps compare the reconstruction with (an
+            :class:`~berdiff.sampling.AnomalyReference`; ``input_residual`` is always the paper's map).
         band_alignment, rpe_position: the band of training (:func:`berdiff.data.oct.prepare_scan`).
         score_rows: the grid rows every score reads (:func:`berdiff.io.oct.image_score`; None: all).
         score_cols: the grid columns every score reads (None: all).
@@ -143,6 +148,7 @@ def oct_sweep(
         pipe = AnomalyPipeline(
             trained.autoencoder, trained.unet, trained.scheduler, noise_level=int(L), prob_threshold=float(P),
             num_inference_steps=min(int(num_inference_steps), int(L)), latent_weighting=latent_weighting,
+            anomaly_reference=anomaly_reference,
             output_keys=tuple(SWEEP_MAPS.values()), seed=seed,
         ).eval()
         outputs: dict[str, list[np.ndarray]] = {k: [] for k in SWEEP_MAPS}
@@ -167,6 +173,7 @@ def oct_sweep(
         print(f"best {name:26s} tuning AUROC {row['tuning_auroc']:.3f}: L={row['noise_level']} "
               f"P={row['prob_threshold']} {row['statistic']} sigma={row['sigma']}")
     settings = {"num_inference_steps": num_inference_steps, "seed": seed, "latent_weighting": latent_weighting,
+                "anomaly_reference": anomaly_reference,
                 "n_tuning": len(tuning)}
     if out:
         atomic_write_json({"rows": rows, "best": best, "settings": settings}, out)

@@ -71,7 +71,7 @@ __all__ = [
 #: the bundle's grid ``[H, W]`` (a multiple of 16 for the ``small`` preset: 4x in the autoencoder, 4x in the denoiser)
 DEFAULT_GRID: tuple[int, int] = (64, 256)
 #: band height as a fraction of the scan's width
-DEFAULT_BAND_RATIO = 0.25
+DEFAULT_BAND_RATIO = 0.15
 #: the class folder of healthy scans
 NORMAL_CLASS = "NORMAL"
 #: where the RPE curve sits in an ``rpe``-aligned band, as a fraction of the band's height from its top

@@ -25,9 +25,11 @@ __all__ = ["AnomalyPipeline", "PIPELINE_OUTPUT_KEYS", "bundle_output_layout", "s
 
 #: keys of :meth:`AnomalyPipeline.run` that ``forward`` can concatenate along the channel axis (one channel each,
 #: except ``reconstruction``: the image's channels). ``residual_map`` is ``anomaly_map`` before the latent weighting;
+#: ``input_residual_map`` is the residual against the input (the paper's map) whatever ``anomaly_reference`` is;
 #: ``latent_flip_map`` is the former name of ``latent_flip_probability``.
 PIPELINE_OUTPUT_KEYS = (
-    "anomaly_map", "residual_map", "autoencoder_map", *LATENT_MAP_KEYS, "latent_flip_map", "reconstruction"
+    "anomaly_map", "residual_map", "input_residual_map", "autoencoder_map", *LATENT_MAP_KEYS, "latent_flip_map",
+    "reconstruction",
 )
 
 
@@ -205,7 +207,10 @@ class AnomalyPipeline(nn.Module):
             return self.inferer(image, self.autoencoder, self.unet, generator)
         # constant slices (background): zero maps, identity reconstruction
         zeros = torch.zeros_like(image[:, :1], dtype=torch.float32)
-        outputs = {"reconstruction": image.float().clone(), "anomaly_map": zeros, "residual_map": zeros.clone()}
+        outputs = {
+            "reconstruction": image.float().clone(), "anomaly_map": zeros, "residual_map": zeros.clone(),
+            "input_residual_map": zeros.clone(),
+        }
         if self.inferer.autoencoder_map:
             outputs["autoencoder_map"] = zeros.clone()
         outputs.update({k: zeros.clone() for k in LATENT_MAP_KEYS})
