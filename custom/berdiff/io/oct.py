@@ -354,8 +354,7 @@ class OCTOutputWriter:
         self.channel_names = list(channel_names)
         self.statistic = statistic
         self.sigma = float(sigma)
-        self.score_rows = None if rows is None else [float(r) for r in rows]
-        self.score_cols = None if cols is None else [float(c) for c in cols]
+        self.score_rows, self.score_cols = _fractions("rows", rows), _fractions("columns", cols)
         self.png_max = png_max
         self.write_maps = None if write_maps is None else set(write_maps)
         self.rows: list[dict[str, Any]] = []
