@@ -152,6 +152,25 @@ class TestAnomalyPipeline(unittest.TestCase):
         self.assertTrue(torch.equal(out[:, 0], out[:, 1]))  # no latent weighting
         self.assertFalse(torch.allclose(out[[0, 2], 1], out[[0, 2], 2]))  # against the autoencoder: another map
 
+    def test_num_samples_averages_consecutive_draws(self):
+        keys = ("anomaly_map", "latent_flip_probability", "reconstruction")
+        x = torch.rand(3, 2, 16, 16)
+        x[1] = 0.0  # an empty slice: the partial path too
+        single = tiny_pipeline(seed=5, output_keys=keys)
+        averaged = tiny_pipeline(seed=5, output_keys=keys, num_samples=3)
+        draws = []
+        generators = single._generator(x)
+        for _ in range(3):  # the same per-sample generators, drawn from one after the other
+            outputs = single.run(x, generators)
+            draws.append(torch.cat([outputs[k] for k in keys], dim=1))
+        self.assertFalse(torch.allclose(draws[0], draws[1]))  # the draws differ, so the mean is not one of them
+        assert_same_maps(self, averaged(x), torch.stack(draws).mean(0))
+        assert_same_maps(self, tiny_pipeline(seed=5, output_keys=keys, num_samples=1)(x), draws[0])
+        self.assertEqual(averaged(x)[1, :2].abs().max().item(), 0.0)  # empty slices keep zero maps
+        for bad in (0, -2, 1.5, True):
+            with self.assertRaisesRegex(ValueError, "num_samples"):
+                tiny_pipeline(num_samples=bad)
+
     def test_nan_input_rejected(self):
         pipe = tiny_pipeline()
         x = torch.rand(1, 2, 16, 16)

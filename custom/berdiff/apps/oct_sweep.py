@@ -97,6 +97,7 @@ def oct_sweep(
     rpe_position: float = DEFAULT_RPE_POSITION,
     score_rows: Sequence[float] | None = (0.25, 0.92),
     score_cols: Sequence[float] | None = (0.05, 0.95),
+    num_samples: int = 1,
 ) -> dict[str, Any]:
     """
     Tuning-split AUROC of every (L, P, map, statistic, sigma) (module docstring).
@@ -120,6 +121,7 @@ def oct_sweep(
         band_alignment, rpe_position: the band of training (:func:`berdiff.data.oct.prepare_scan`).
         score_rows: the grid rows every score reads (:func:`berdiff.io.oct.image_score`; None: all).
         score_cols: the grid columns every score reads (None: all).
+        num_samples: draws averaged into every map (:class:`~berdiff.networks.AnomalyPipeline`).
 
     Returns:
         ``{"best": {map: row}, "settings": ...}`` (the best row of each map; every row is in ``out``); a row holds
@@ -149,7 +151,7 @@ def oct_sweep(
             trained.autoencoder, trained.unet, trained.scheduler, noise_level=int(L), prob_threshold=float(P),
             num_inference_steps=min(int(num_inference_steps), int(L)), latent_weighting=latent_weighting,
             anomaly_reference=anomaly_reference,
-            output_keys=tuple(SWEEP_MAPS.values()), seed=seed,
+            output_keys=tuple(SWEEP_MAPS.values()), seed=seed, num_samples=int(num_samples),
         ).eval()
         outputs: dict[str, list[np.ndarray]] = {k: [] for k in SWEEP_MAPS}
         for b in range(0, len(items), batch_size):
@@ -173,7 +175,7 @@ def oct_sweep(
         print(f"best {name:26s} tuning AUROC {row['tuning_auroc']:.3f}: L={row['noise_level']} "
               f"P={row['prob_threshold']} {row['statistic']} sigma={row['sigma']}")
     settings = {"num_inference_steps": num_inference_steps, "seed": seed, "latent_weighting": latent_weighting,
-                "anomaly_reference": anomaly_reference,
+                "anomaly_reference": anomaly_reference, "num_samples": int(num_samples),
                 "n_tuning": len(tuning)}
     if out:
         atomic_write_json({"rows": rows, "best": best, "settings": settings}, out)

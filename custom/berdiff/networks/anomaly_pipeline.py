@@ -123,6 +123,14 @@ class AnomalyPipeline(nn.Module):
             on the batch it is in (``sw_batch_size``, its position, skipped empty slices beside it).
         skip_empty: samples whose image is constant (e.g. slices outside the head) are not sent through the
             networks; their maps are zero and their reconstruction equals the input.
+        num_samples: draws of the noising and denoising per image (>= 1); every output (the maps and the
+            reconstruction) is their mean. One draw is the paper's; several average out the sampling noise of the
+            maps, at ``num_samples`` times the cost. With ``seed`` set, the draws follow each other on each sample's
+            generator, so the first draw is the single-draw result.
+
+    Raises:
+        ValueError: unknown ``output_keys`` or ``num_samples`` < 1 (the sampler's own arguments are checked by
+            :class:`~berdiff.sampling.MaskedBernoulliSampler`).
     """
 
     def __init__(
@@ -148,8 +156,11 @@ class AnomalyPipeline(nn.Module):
         output_keys: Sequence[str] = ("anomaly_map",),
         seed: int | None = 0,
         skip_empty: bool = True,
+        num_samples: int = 1,
     ) -> None:
         super().__init__()
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
         self.autoencoder = autoencoder
         self.unet = unet
         self.scheduler = BernoulliScheduler() if scheduler is None else scheduler
@@ -180,6 +191,18 @@ class AnomalyPipeline(nn.Module):
         self.output_keys = output_keys
         self.seed = seed
         self.skip_empty = skip_empty
+        self.num_samples = num_samples
+
+    def _sample(self, image: torch.Tensor, generator: GeneratorLike) -> dict[str, torch.Tensor]:
+        """The sampler's outputs for ``image``, averaged over ``num_samples`` draws."""
+        outputs = self.inferer(image, self.autoencoder, self.unet, generator)
+        if self.num_samples == 1:
+            return outputs
+        outputs = {k: v.float() for k, v in outputs.items()}
+        for _ in range(self.num_samples - 1):
+            for key, value in self.inferer(image, self.autoencoder, self.unet, generator).items():
+                outputs[key] = outputs[key] + value.float()  # out of place: some outputs share one tensor
+        return {k: v / self.num_samples for k, v in outputs.items()}
 
     def _generator(self, image: torch.Tensor) -> list[torch.Generator] | None:
         """One generator per sample, seeded from ``seed`` and the sample's content (see :func:`slice_seeds`)."""
@@ -204,7 +227,7 @@ class AnomalyPipeline(nn.Module):
         flat = image.reshape(image.shape[0], -1)
         active = (flat.amax(dim=1) > flat.amin(dim=1)) if self.skip_empty else torch.ones_like(flat[:, 0], dtype=torch.bool)
         if bool(active.all()):
-            return self.inferer(image, self.autoencoder, self.unet, generator)
+            return self._sample(image, generator)
         # constant slices (background): zero maps, identity reconstruction
         zeros = torch.zeros_like(image[:, :1], dtype=torch.float32)
         outputs = {
@@ -218,7 +241,7 @@ class AnomalyPipeline(nn.Module):
             idx = active.nonzero().flatten()
             if generator is not None and not isinstance(generator, torch.Generator):
                 generator = [generator[int(i)] for i in idx]
-            sub = self.inferer(image[idx], self.autoencoder, self.unet, generator)
+            sub = self._sample(image[idx], generator)
             for key in outputs:
                 outputs[key][idx] = sub[key]
         outputs["latent_flip_map"] = outputs["latent_flip_probability"]
