@@ -22,7 +22,9 @@ from berdiff.data.oct import (
     read_scan,
     restore_to_input,
     retina_band,
+    rpe_columns,
     rpe_curve,
+    rpe_estimate,
     scale_scan,
 )
 from tests.oct_fixtures import synthetic_bscan, write_bscan
@@ -216,6 +218,52 @@ class TestRPEAlignment(unittest.TestCase):
             prepare_scan(scan, (16, 32), alignment="middle")
         with self.assertRaisesRegex(ValueError, "rpe_position"):
             prepare_scan(scan, (16, 32), rpe_position=1.0)
+
+
+def nerve_head_bscan(height: int = 80, width: int = 160, columns: tuple[int, int] = (100, 124)):
+    """:func:`curved_bscan` with an optic-nerve-head-like gap: no retina and no RPE in ``columns``, bright deep tissue."""
+    scan, base, _ = curved_bscan(height, width)
+    lo, hi = columns
+    scan[:, lo:hi] = np.clip(15 + np.random.default_rng(1).normal(0, 10, (height, hi - lo)), 0, 255)
+    scan[height - 4 :, lo:hi] = 240.0
+    return scan, base
+
+
+class TestRPEColumns(unittest.TestCase):
+    def test_estimate_follows_the_rpe_column_by_column(self):
+        scan, base, _ = curved_bscan(80, 160)
+        self.assertLess(float(np.abs(rpe_estimate(scan) - base).max()), 2.0)
+        with self.assertRaisesRegex(ValueError, "bright_fraction"):
+            rpe_estimate(scan, bright_fraction=0.0)
+
+    def test_columns_without_the_rpe_are_left_out(self):
+        scan, _ = nerve_head_bscan()
+        _, geo = prepare_scan(scan, (16, 32), 0.3)
+        keep = rpe_columns(scan, geo, 32)
+        self.assertEqual((keep.shape, keep.dtype), ((32,), np.dtype(bool)))
+        # input columns 100-123 have no RPE: grid columns 20-24 (5 input columns each) are left out, with a margin
+        self.assertFalse(keep[20:25].any())
+        self.assertTrue(keep[:14].all())
+        narrow = rpe_columns(scan, geo, 32, margin=0)
+        self.assertFalse(narrow[20:25].any())
+        self.assertGreater(int(narrow.sum()), int(keep.sum()))  # the margin widens the gap
+        self.assertTrue(rpe_columns(scan, geo.as_dict(), 64)[:28].all())  # any grid width; the geometry's dict
+
+    def test_drusen_and_normal_scans_keep_every_column(self):
+        for bump in (False, True):
+            scan, _, _ = curved_bscan(80, 160, bump=bump)
+            _, geo = prepare_scan(scan, (16, 32), 0.3)
+            self.assertTrue(rpe_columns(scan, geo, 32).all())
+
+    def test_bad_arguments(self):
+        scan, _ = nerve_head_bscan()
+        _, geo = prepare_scan(scan, (16, 32), 0.3)
+        with self.assertRaisesRegex(ValueError, "shape"):
+            rpe_columns(scan[:, :-1], geo, 32)
+        with self.assertRaisesRegex(ValueError, "margin"):
+            rpe_columns(scan, geo, 32, margin=-1)
+        with self.assertRaisesRegex(ValueError, "grid_width"):
+            rpe_columns(scan, geo, 0)
 
 
 class TestFolders(TempDirMixin, unittest.TestCase):

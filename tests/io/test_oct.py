@@ -9,6 +9,7 @@ import os
 import unittest
 
 import numpy as np
+import torch
 from PIL import Image
 
 from berdiff.io.oct import (
@@ -77,6 +78,24 @@ class TestImageScore(unittest.TestCase):
         self.assertAlmostEqual(image_score(m, "mean", 0, [0.5, 0.8], [0.25, 0.75]), float(m[10:16, 10:30].mean()))
 
 
+    def test_column_mask_leaves_out_columns(self):
+        m = np.zeros((20, 40))
+        m[10, 30] = 1.0  # a hot spot in a column the mask leaves out
+        m[12, 5] = 0.5
+        mask = np.ones(40, dtype=bool)
+        mask[28:33] = False
+        self.assertAlmostEqual(image_score(m, "max", 0, None, None, mask), 0.5)
+        self.assertAlmostEqual(image_score(m, "max", 0, None, None, torch.as_tensor(mask)), 0.5)
+        self.assertAlmostEqual(image_score(m, "mean", 0, [0.5, 0.8], [0.05, 0.95], mask),
+                               float(m[10:16][:, [c for c in range(2, 38) if mask[c]]].mean()))
+        self.assertAlmostEqual(image_score(m, "max", 0, None, [0.0, 0.5], mask), 0.5)
+        # a mask that leaves no column of cols: the columns of cols are scored
+        self.assertAlmostEqual(image_score(m, "max", 0, None, [0.7, 0.8], mask), 1.0)
+        self.assertAlmostEqual(image_score(m, "max", 0, None, None, np.zeros(40, dtype=bool)), 1.0)
+        with self.assertRaisesRegex(ValueError, "one entry per column"):
+            image_score(m, "max", 0, None, None, np.ones(39, dtype=bool))
+
+
 class TestOutputs(TempDirMixin, unittest.TestCase):
     def test_scores_csv(self):
         path = write_scores_csv(
@@ -125,6 +144,13 @@ class TestOutputs(TempDirMixin, unittest.TestCase):
             row = next(csv.DictReader(f))
         self.assertAlmostEqual(float(row["score"]), float(Engine.state.output["pred"][0, 0].mean()), places=5)
         self.assertIn("score_autoencoder", row)
+        # with the item transform's score_columns, only those columns are scored
+        columns = torch.ones(1, 16, dtype=torch.bool)
+        columns[0, 8:] = False
+        Engine.state.batch["score_columns"] = columns
+        writer.started()
+        writer.iteration_completed(Engine)
+        self.assertAlmostEqual(writer.rows[0]["score"], float(Engine.state.output["pred"][0, 0, :, :8].mean()), places=5)
 
 
 class TestInputs(TempDirMixin, unittest.TestCase):
@@ -136,6 +162,10 @@ class TestInputs(TempDirMixin, unittest.TestCase):
         item = scan_item(items[0], (16, 32), 0.35)
         self.assertEqual(tuple(item["image"].shape), (1, 16, 32))
         self.assertEqual(item["geometry"]["height"], 30)
+        self.assertEqual((tuple(item["score_columns"].shape), item["score_columns"].dtype), ((32,), torch.bool))
+        self.assertTrue(bool(scan_item(items[0], (16, 32), 0.35, score_rpe_columns=False)["score_columns"].all()))
+        with self.assertRaisesRegex(TypeError, "score_rpe_columns must be true or false, got 'false'"):
+            scan_item(items[0], (16, 32), 0.35, score_rpe_columns="false")
         self.assertEqual(oct_preflight(items, on_error="raise"), 2)
         one = scan_items(image=items[1]["image"])
         self.assertEqual(one[0]["name"], "y.tif")

@@ -29,7 +29,14 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from berdiff.apps.oct_validation import validation_items
-from berdiff.data.oct import DEFAULT_ALIGNMENT, DEFAULT_BAND_RATIO, DEFAULT_RPE_POSITION, prepare_scan, read_scan
+from berdiff.data.oct import (
+    DEFAULT_ALIGNMENT,
+    DEFAULT_BAND_RATIO,
+    DEFAULT_RPE_POSITION,
+    prepare_scan,
+    read_scan,
+    rpe_columns,
+)
 from berdiff.io.oct import ImageScore, image_score
 from berdiff.utils import atomic_write_json
 
@@ -98,6 +105,7 @@ def oct_sweep(
     score_rows: Sequence[float] | None = (0.25, 0.92),
     score_cols: Sequence[float] | None = (0.05, 0.95),
     num_samples: int = 1,
+    score_rpe_columns: bool = True,
 ) -> dict[str, Any]:
     """
     Tuning-split AUROC of every (L, P, map, statistic, sigma) (module docstring).
@@ -122,6 +130,8 @@ def oct_sweep(
         score_rows: the grid rows every score reads (:func:`berdiff.io.oct.image_score`; None: all).
         score_cols: the grid columns every score reads (None: all).
         num_samples: draws averaged into every map (:class:`~berdiff.networks.AnomalyPipeline`).
+        score_rpe_columns: score only the grid columns whose band holds the scan's RPE
+            (:func:`berdiff.data.oct.rpe_columns`), as the bundle's inference does by default.
 
     Returns:
         ``{"best": {map: row}, "settings": ...}`` (the best row of each map; every row is in ``out``); a row holds
@@ -134,16 +144,13 @@ def oct_sweep(
     from berdiff.networks import AnomalyPipeline
 
     trained, desc = load_oct_pipeline(bundle_root, dev)
-    grids = torch.stack(
-        [
-            torch.as_tensor(
-                prepare_scan(
-                    read_scan(i["image"]), desc["spatial_size"], band_ratio, smooth_sigma, band_alignment, rpe_position
-                )[0]
-            )[None]
-            for i in items
-        ]
-    )
+    grid_list, column_masks = [], []
+    for item in items:
+        image = read_scan(item["image"])
+        grid, geometry = prepare_scan(image, desc["spatial_size"], band_ratio, smooth_sigma, band_alignment, rpe_position)
+        grid_list.append(torch.as_tensor(grid)[None])
+        column_masks.append(rpe_columns(image, geometry, grid.shape[-1]) if score_rpe_columns else None)
+    grids = torch.stack(grid_list)
     rows: list[dict[str, Any]] = []
     for L, P in itertools.product(noise_levels, prob_thresholds):
         start = time.time()
@@ -159,7 +166,9 @@ def oct_sweep(
             for name, key in SWEEP_MAPS.items():
                 outputs[name] += list(res[key][:, 0].float().cpu().numpy())
         for name, stat, sigma in itertools.product(SWEEP_MAPS, [m.value for m in ImageScore], sigmas):
-            scores = [image_score(outputs[name][k], stat, sigma, score_rows, score_cols) for k in tuning]
+            scores = [
+                image_score(outputs[name][k], stat, sigma, score_rows, score_cols, column_masks[k]) for k in tuning
+            ]
             rows.append({
                 "noise_level": int(L), "prob_threshold": float(P), "map": name, "statistic": stat,
                 "sigma": float(sigma), "score_rows": None if score_rows is None else list(score_rows),
@@ -176,6 +185,7 @@ def oct_sweep(
               f"P={row['prob_threshold']} {row['statistic']} sigma={row['sigma']}")
     settings = {"num_inference_steps": num_inference_steps, "seed": seed, "latent_weighting": latent_weighting,
                 "anomaly_reference": anomaly_reference, "num_samples": int(num_samples),
+                "score_rpe_columns": bool(score_rpe_columns),
                 "n_tuning": len(tuning)}
     if out:
         atomic_write_json({"rows": rows, "best": best, "settings": settings}, out)

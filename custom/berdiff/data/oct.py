@@ -30,7 +30,9 @@ Preprocessing (:func:`prepare_scan`), the same for training and inference:
    letting a few saturated pixels compress the layers.
 
 :func:`restore_to_input` inverts steps 2-3 for a map: the grid is resized back to the band and written into the
-input's pixel grid, column by column where the band follows the RPE (zero outside the band).
+input's pixel grid, column by column where the band follows the RPE (zero outside the band). :func:`rpe_columns`
+tells which grid columns hold the scan's RPE (not the optic nerve head or a scan's edge): the image score of the
+OCT bundle's inference reads only those.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ __all__ = [
     "DEFAULT_GRID",
     "DEFAULT_RPE_POSITION",
     "NORMAL_CLASS",
+    "RPE_COLUMN_MARGIN",
+    "RPE_MEDIAN_WINDOW",
     "ScanGeometry",
     "class_items",
     "list_scans",
@@ -64,7 +68,9 @@ __all__ = [
     "read_scan",
     "restore_to_input",
     "retina_band",
+    "rpe_columns",
     "rpe_curve",
+    "rpe_estimate",
     "scale_scan",
 ]
 
@@ -80,6 +86,10 @@ DEFAULT_RPE_POSITION = 0.75
 DEFAULT_ALIGNMENT = "rpe"
 #: the degree of the polynomial fitted to the RPE over the columns
 RPE_FIT_DEGREE = 3
+#: columns of the median filter of the per-column RPE estimate (:func:`rpe_estimate`)
+RPE_MEDIAN_WINDOW = 31
+#: input columns left out on each side of a column whose band holds no RPE (:func:`rpe_columns`)
+RPE_COLUMN_MARGIN = 15
 
 
 class BandAlignment(StrEnum):
@@ -235,6 +245,42 @@ def retina_band(image: np.ndarray, band_ratio: float = DEFAULT_BAND_RATIO) -> tu
     return top, band
 
 
+def rpe_estimate(image: np.ndarray, bright_fraction: float = 0.6) -> np.ndarray:
+    """
+    The row of the retinal pigment epithelium (RPE) in every column of a B-scan, before any fit over the columns.
+
+    The RPE is the deepest bright layer of the retina. After a Gaussian smoothing (2 rows x 4 columns) that averages
+    the speckle, each column's estimate is the brightest row within 6 rows above the deepest row that reaches
+    ``bright_fraction`` of the column's maximum; a median over :data:`RPE_MEDIAN_WINDOW` columns removes isolated
+    misses (vessel shadows). Where a column has no RPE (the optic nerve head, the scan's edge), the estimate is
+    whatever is brightest deepest there, usually far below the retina.
+
+    Args:
+        image: ``(H, W)`` scan in any value range.
+        bright_fraction: the share of a column's maximum that counts as bright, in ``(0, 1)``.
+
+    Returns:
+        float64 ``(W,)`` rows.
+
+    Raises:
+        ValueError: a bad argument or an image that is not 2D.
+    """
+    image = np.asarray(image, dtype=np.float64)
+    if image.ndim != 2:
+        raise ValueError(f"a scan must be 2D (H, W), got shape {image.shape}.")
+    if not 0.0 < bright_fraction < 1.0:
+        raise ValueError(f"bright_fraction must be in (0, 1), got {bright_fraction!r}.")
+    height, width = image.shape
+    smooth = ndimage.gaussian_filter(image, (2.0, 4.0), mode="nearest")
+    smooth = smooth - smooth.min(axis=0, keepdims=True)
+    bright = smooth >= bright_fraction * smooth.max(axis=0, keepdims=True)
+    deepest = np.where(bright, np.arange(height)[:, None], 0).max(axis=0)
+    window = np.arange(-6, 1)[:, None]
+    rows = np.clip(deepest[None, :] + window, 0, height - 1)
+    estimate = rows[np.argmax(np.take_along_axis(smooth, rows, axis=0), axis=0), np.arange(width)].astype(np.float64)
+    return ndimage.median_filter(estimate, size=min(RPE_MEDIAN_WINDOW, width), mode="nearest")
+
+
 def rpe_curve(
     image: np.ndarray, degree: int = RPE_FIT_DEGREE, bright_fraction: float = 0.6, iterations: int = 6
 ) -> np.ndarray:
@@ -242,11 +288,9 @@ def rpe_curve(
     A smooth curve along the retinal pigment epithelium (RPE) of a B-scan: the coefficients (highest degree first)
     of a polynomial in the column ``x`` on ``[-1, 1]`` that gives the RPE's row.
 
-    The RPE is the deepest bright layer of the retina. After a Gaussian smoothing (2 rows x 4 columns) that averages
-    the speckle, each column's estimate is the brightest row within 6 rows above the deepest row that reaches
-    ``bright_fraction`` of the column's maximum; a median over 31 columns removes isolated misses (vessel shadows),
-    and an iteratively reweighted least-squares fit (weights ``min(1, 2 MAD / |residual|)``) of degree ``degree``
-    keeps what is left of them from pulling the curve. A smooth fit follows the eye's curvature, not the drusen.
+    An iteratively reweighted least-squares fit (weights ``min(1, 2 MAD / |residual|)``) of degree ``degree`` to the
+    per-column estimate of :func:`rpe_estimate` keeps what is left of its misses from pulling the curve. A smooth fit
+    follows the eye's curvature, not the drusen.
 
     Args:
         image: ``(H, W)`` scan in any value range.
@@ -257,22 +301,10 @@ def rpe_curve(
     Raises:
         ValueError: a bad argument or an image that is not 2D.
     """
-    image = np.asarray(image, dtype=np.float64)
-    if image.ndim != 2:
-        raise ValueError(f"a scan must be 2D (H, W), got shape {image.shape}.")
-    if not 0.0 < bright_fraction < 1.0:
-        raise ValueError(f"bright_fraction must be in (0, 1), got {bright_fraction!r}.")
     if int(degree) < 0 or int(iterations) < 1:
         raise ValueError(f"degree must be >= 0 and iterations >= 1, got {degree!r}, {iterations!r}.")
-    height, width = image.shape
-    smooth = ndimage.gaussian_filter(image, (2.0, 4.0), mode="nearest")
-    smooth = smooth - smooth.min(axis=0, keepdims=True)
-    bright = smooth >= bright_fraction * smooth.max(axis=0, keepdims=True)
-    deepest = np.where(bright, np.arange(height)[:, None], 0).max(axis=0)
-    window = np.arange(-6, 1)[:, None]
-    rows = np.clip(deepest[None, :] + window, 0, height - 1)
-    estimate = rows[np.argmax(np.take_along_axis(smooth, rows, axis=0), axis=0), np.arange(width)].astype(np.float64)
-    estimate = ndimage.median_filter(estimate, size=min(31, width), mode="nearest")
+    estimate = rpe_estimate(image, bright_fraction)
+    width = estimate.shape[0]
     x = np.linspace(-1.0, 1.0, width)
     deg = min(int(degree), max(width - 1, 0))
     weights = np.ones(width)
@@ -283,6 +315,54 @@ def rpe_curve(
         mad = float(np.median(residual)) + 1e-3
         weights = np.minimum(1.0, 2.0 * mad / np.maximum(residual, 1e-12))
     return coeffs
+
+
+def rpe_columns(
+    image: np.ndarray,
+    geometry: ScanGeometry | Mapping[str, Any],
+    grid_width: int,
+    margin: int = RPE_COLUMN_MARGIN,
+) -> np.ndarray:
+    """
+    The grid columns whose band holds the scan's RPE: False where the per-column RPE estimate
+    (:func:`rpe_estimate`) lies outside the band cut by :func:`prepare_scan`, and within ``margin`` input columns of
+    such a column.
+
+    On a band that follows a smooth fit of the RPE this leaves out the columns where the retina has no RPE or bends
+    away from the fit: the optic nerve head, where the retina dips and the deepest bright tissue is far below it, and
+    a scan's edge. The band there holds no RPE, so the network's map in those columns says nothing about drusen (and
+    the pseudo-normal band, which always has one, differs from it). A drusen lifts the RPE by a few rows, well
+    inside the band, so its columns are kept.
+
+    Args:
+        image: the ``(H, W)`` scan the geometry was computed from.
+        geometry: its :class:`ScanGeometry` (or the geometry's dict).
+        grid_width: the grid's width: the band's ``W`` input columns are resized to it.
+        margin: input columns on each side of a column without the RPE that are left out too (>= 0).
+
+    Returns:
+        bool ``(grid_width,)``: True where the column is kept. A grid column is left out when any input column it is
+        resized from is.
+
+    Raises:
+        ValueError: a bad argument, or an image of another size than the geometry's.
+    """
+    g = geometry if isinstance(geometry, ScanGeometry) else ScanGeometry.from_dict(geometry)
+    image = np.asarray(image)
+    if image.shape != (g.height, g.width):
+        raise ValueError(f"the image has shape {image.shape}, its geometry says {(g.height, g.width)}.")
+    if int(grid_width) < 1 or int(margin) < 0:
+        raise ValueError(f"grid_width must be >= 1 and margin >= 0, got {grid_width!r}, {margin!r}.")
+    tops = g.column_tops()
+    estimate = rpe_estimate(image)
+    outside = (estimate < tops) | (estimate >= tops + g.band)
+    if margin > 0 and outside.any():
+        outside = ndimage.binary_dilation(outside, structure=np.ones(2 * int(margin) + 1, dtype=bool))
+    edges = np.linspace(0, g.width, int(grid_width) + 1)
+    starts = np.floor(edges[:-1]).astype(np.int64)
+    stops = np.maximum(np.ceil(edges[1:]).astype(np.int64), starts + 1)
+    cumulative = np.concatenate([[0], np.cumsum(outside)])
+    return (cumulative[np.minimum(stops, g.width)] - cumulative[starts]) == 0
 
 
 def scale_scan(image: np.ndarray, low: float = 1.0, high: float = 99.5) -> np.ndarray:

@@ -38,6 +38,7 @@ from berdiff.data.oct import (
     prepare_scan,
     read_scan,
     restore_to_input,
+    rpe_columns,
 )
 from berdiff.io.datalists import MissingData
 from berdiff.utils import atomic_write, atomic_write_bytes
@@ -92,10 +93,12 @@ def image_score(
     sigma: float = 2.0,
     rows: Sequence[float] | None = None,
     cols: Sequence[float] | None = None,
+    column_mask: np.ndarray | torch.Tensor | None = None,
 ) -> float:
     """
     One number per scan (higher = more abnormal): :class:`ImageScore` ``statistic`` of the map smoothed with a
-    Gaussian of ``sigma`` pixels, over the grid rows ``rows`` and the grid columns ``cols`` select.
+    Gaussian of ``sigma`` pixels, over the grid rows ``rows`` and the grid columns ``cols`` and ``column_mask``
+    select.
 
     Args:
         grid_map: ``(H, W)`` (or ``(1, H, W)``) map.
@@ -108,9 +111,13 @@ def image_score(
         cols: ``[start, stop]``, fractions of the grid's width in ``[0, 1]``, read like ``rows`` (None: all
             columns), e.g. ``[0.05, 0.95]`` leaves out the scan's lateral borders, where the band's fit is
             extrapolated and the optic nerve head or the scan's edge may lie.
+        column_mask: bool ``(W,)``, the grid columns that may be scored (e.g. :func:`berdiff.data.oct.rpe_columns`:
+            the columns whose band holds the RPE); None: all. Applied with ``cols``; when the two leave no column,
+            the columns of ``cols`` alone are scored.
 
     Raises:
-        ValueError: an unknown statistic, a negative sigma or bad rows or columns.
+        ValueError: an unknown statistic, a negative sigma, bad rows or columns, or a column mask of another width
+            than the map's.
     """
     try:
         look_up_option(statistic, ImageScore)
@@ -122,13 +129,26 @@ def image_score(
     arr = np.squeeze(torch.as_tensor(grid_map).detach().cpu().double().numpy())
     if sigma > 0:
         arr = ndimage.gaussian_filter(arr, sigma=float(sigma), mode="nearest")
+    if column_mask is not None:
+        column_mask = np.asarray(torch.as_tensor(column_mask).detach().cpu().numpy(), dtype=bool).reshape(-1)
+        if arr.ndim != 2 or column_mask.shape[0] != arr.shape[1]:
+            raise ValueError(
+                f"column_mask must have one entry per column of the map, got {column_mask.shape[0]} for a map of "
+                f"shape {arr.shape}."
+            )
     if arr.ndim == 2:
+        selected = []
         for axis, fractions in ((0, rows), (1, cols)):
+            size = arr.shape[axis]
+            start, stop = 0, size
             if fractions is not None:
-                size = arr.shape[axis]
                 start = int(fractions[0] * size)
                 stop = max(int(fractions[1] * size), start + 1)
-                arr = arr[start:stop] if axis == 0 else arr[:, start:stop]
+            selected.append(np.arange(size)[start:stop])
+        row_index, col_index = selected
+        if column_mask is not None and column_mask[col_index].any():
+            col_index = col_index[column_mask[col_index]]
+        arr = arr[row_index][:, col_index]
     flat = arr.ravel()
     if statistic == ImageScore.MEAN:
         return float(flat.mean())
@@ -170,10 +190,12 @@ def scan_item(
     smooth_sigma: float = 0.0,
     alignment: str = DEFAULT_ALIGNMENT,
     rpe_position: float = DEFAULT_RPE_POSITION,
+    score_rpe_columns: bool = True,
 ) -> dict[str, Any]:
     """
-    The dataset transform of inference: ``item`` with ``image`` read and put on the grid (``(1, H, W)`` float32) and
-    ``geometry`` (:class:`berdiff.data.oct.ScanGeometry` as a dict) to map the outputs back.
+    The dataset transform of inference: ``item`` with ``image`` read and put on the grid (``(1, H, W)`` float32),
+    ``geometry`` (:class:`berdiff.data.oct.ScanGeometry` as a dict) to map the outputs back, and ``score_columns``
+    (bool ``(W,)``): the grid columns the image score may read.
 
     Args:
         item: a :func:`scan_items` item.
@@ -181,11 +203,24 @@ def scan_item(
         band_ratio: the retina band of training (:func:`berdiff.data.oct.retina_band`).
         smooth_sigma, alignment, rpe_position: the smoothing and band alignment of training
             (:func:`berdiff.data.oct.prepare_scan`).
+        score_rpe_columns: True: ``score_columns`` holds only the columns whose band holds the scan's RPE
+            (:func:`berdiff.data.oct.rpe_columns`: not the optic nerve head or a scan's edge); False: every column.
+
+    Raises:
+        TypeError: ``score_rpe_columns`` that is not a bool (e.g. the string ``"false"``, which would read as true).
     """
-    grid, geometry = prepare_scan(
-        read_scan(item["image"]), spatial_size, band_ratio, smooth_sigma, alignment, rpe_position
-    )
-    return {**item, "image": torch.as_tensor(grid)[None], "geometry": geometry.as_dict()}
+    if not isinstance(score_rpe_columns, (bool, np.bool_)):
+        raise TypeError(f"score_rpe_columns must be true or false, got {score_rpe_columns!r}.")
+    image = read_scan(item["image"])
+    grid, geometry = prepare_scan(image, spatial_size, band_ratio, smooth_sigma, alignment, rpe_position)
+    width = grid.shape[-1]
+    columns = rpe_columns(image, geometry, width) if score_rpe_columns else np.ones(width, dtype=bool)
+    return {
+        **item,
+        "image": torch.as_tensor(grid)[None],
+        "geometry": geometry.as_dict(),
+        "score_columns": torch.as_tensor(columns),
+    }
 
 
 def output_stem(name: str) -> str:
@@ -322,7 +357,8 @@ class OCTOutputWriter:
     """
     Ignite handler of the OCT inference evaluator (``decollate: false``): after every iteration it maps each output
     channel back to the scan's pixel grid and writes it (:func:`write_scan_maps`), scores it on the grid
-    (:func:`image_score`), and when the run completes writes ``<output_dir>/scores.csv`` (:func:`write_scores_csv`).
+    (:func:`image_score`, over the batch's ``score_columns`` when it has them), and when the run completes writes
+    ``<output_dir>/scores.csv`` (:func:`write_scores_csv`).
 
     Args:
         output_dir: the output folder.
@@ -376,13 +412,15 @@ class OCTOutputWriter:
         batch, output = engine.state.batch, engine.state.output
         pred = output["pred"] if isinstance(output, Mapping) else output
         geometry = batch["geometry"]
+        columns = batch.get("score_columns")
         for i, name in enumerate(batch["name"]):
             geo = ScanGeometry.from_batch(geometry, i)
+            mask = None if columns is None else columns[i]
             row: dict[str, Any] = {"image": name}
             maps = {}
             for c, key in enumerate(self.channel_names):
                 grid_map = pred[i, c]
-                score = image_score(grid_map, self.statistic, self.sigma, self.score_rows, self.score_cols)
+                score = image_score(grid_map, self.statistic, self.sigma, self.score_rows, self.score_cols, mask)
                 row["score" if c == 0 else f"score_{key}"] = score
                 if self.write_maps is None or key in self.write_maps:
                     maps[key] = restore_to_input(grid_map, geo)
