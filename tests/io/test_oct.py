@@ -170,6 +170,39 @@ class TestInputs(TempDirMixin, unittest.TestCase):
         one = scan_items(image=items[1]["image"])
         self.assertEqual(one[0]["name"], "y.tif")
 
+    def test_datalist_input(self):
+        import json
+
+        folder = os.path.join(self.tmp, "lists")
+        write_bscan(os.path.join(folder, "AMD", "x.png"), synthetic_bscan(30, 50, bump=True))
+        write_bscan(os.path.join(folder, "y.tif"), synthetic_bscan(30, 50))
+        outside = os.path.join(self.tmp, "elsewhere", "z.png")
+        write_bscan(outside, synthetic_bscan(30, 50))
+        plain = os.path.join(folder, "scans.json")
+        with open(plain, "w") as f:
+            json.dump(["AMD/x.png", {"image": "y.tif"}, outside], f)
+        items = scan_items(datalist=plain)
+        self.assertEqual([i["name"] for i in items], ["AMD/x.png", "y.tif", "z.png"])
+        self.assertEqual(items[0]["image"], os.path.join(folder, "AMD", "x.png"))
+        self.assertEqual(oct_preflight(items, on_error="raise"), 3)
+        keyed = os.path.join(folder, "split.json")
+        with open(keyed, "w") as f:
+            json.dump({"training": ["y.tif"], "testing": [{"image": "AMD/x.png"}]}, f)
+        self.assertEqual([i["name"] for i in scan_items(datalist=keyed)], ["AMD/x.png"])  # testing first
+        self.assertEqual([i["name"] for i in scan_items(datalist=keyed, datalist_key="training")], ["y.tif"])
+        # the first input set is used: image, then datalist, then dataset_dir
+        self.assertEqual(len(scan_items(folder, datalist=keyed)), 1)
+        self.assertEqual(scan_items(folder, image=outside, datalist=keyed)[0]["name"], "z.png")
+        # two scans that would write the same files, a missing list, a bad key: reported by the preflight
+        clash = os.path.join(folder, "clash.json")
+        with open(clash, "w") as f:
+            json.dump([outside, os.path.join(self.tmp, "in2", "z.png")], f)
+        for path, key, message in ((clash, None, "same output files"), (plain + ".missing", None, "not found"),
+                                   (keyed, "nope", "no list under 'nope'")):
+            with self.subTest(message):
+                with self.assertRaisesRegex(ValueError, message):
+                    oct_preflight(scan_items(datalist=path, datalist_key=key), on_error="raise")
+
     def test_preflight_names_the_problem(self):
         with self.assertRaisesRegex(FileNotFoundError, "does not exist"):
             oct_preflight(scan_items(os.path.join(self.tmp, "missing")), on_error="raise")

@@ -160,26 +160,63 @@ def image_score(
     return float(np.sort(flat)[-k:].mean())
 
 
-def scan_items(dataset_dir: str | os.PathLike | None = None, image: str | os.PathLike | None = None) -> list[dict]:
+def scan_items(
+    dataset_dir: str | os.PathLike | None = None,
+    image: str | os.PathLike | None = None,
+    datalist: str | os.PathLike | None = None,
+    datalist_key: str | None = None,
+) -> list[dict]:
     """
-    The scans to run on: every image file under ``dataset_dir`` (recursively, sorted by relative path) or the single
-    ``image``, as ``{"image": path, "name": relative path}`` items. Read when the configuration is instantiated: a
-    missing folder gives an empty :class:`berdiff.io.MissingData` that :func:`oct_preflight` reports.
+    The scans to run on, from the first input that is set: the single ``image``, a ``datalist`` JSON, or every image
+    file under ``dataset_dir`` (recursively, sorted by relative path); as ``{"image": path, "name": relative path}``
+    items. Read when the configuration is instantiated: missing or bad input gives an empty
+    :class:`berdiff.io.MissingData` that :func:`oct_preflight` reports.
 
     Args:
         dataset_dir: a folder of scans.
         image: one scan file (instead of ``dataset_dir``).
+        datalist: a JSON file (instead of ``dataset_dir``; :func:`berdiff.io.datalists.load_datalist`): a list of
+            scan files or ``{"image": file}`` items, or a dict with such a list under ``datalist_key`` (default: the
+            first of ``testing``, ``test``, ``validation``, ``training``). Relative paths are relative to the JSON
+            file's folder; a scan's ``name`` (its output files, the ``image`` column of ``scores.csv``) is its path
+            relative to that folder, or its file name when it lies outside it. Two scans with the same name are an
+            error.
+        datalist_key: the list's key when ``datalist`` holds a dict.
     """
     try:
         if image:
             if not os.path.isfile(image):
                 raise FileNotFoundError(f"image file {os.fspath(image)!r} does not exist.")
             return [{"image": os.fspath(image), "name": Path(image).name}]
+        if datalist:
+            from berdiff.io.datalists import load_datalist
+
+            base = Path(os.fspath(datalist)).resolve().parent
+            items = []
+            for entry in load_datalist(datalist, datalist_key):
+                path = entry["image"]
+                if not isinstance(path, str):
+                    raise ValueError(f"datalist {os.fspath(datalist)}: one scan file per item, got {path!r}.")
+                resolved = Path(path).resolve()
+                name = resolved.relative_to(base).as_posix() if resolved.is_relative_to(base) else resolved.name
+                items.append({"image": path, "name": name})
+            seen: dict[str, str] = {}
+            for item in items:
+                if item["name"] in seen:
+                    raise ValueError(
+                        f"datalist {os.fspath(datalist)}: {seen[item['name']]} and {item['image']} would write the "
+                        f"same output files ({item['name']!r}); keep the scans under the datalist's folder, or give "
+                        "them different file names."
+                    )
+                seen[item["name"]] = item["image"]
+            return items
         if not dataset_dir:
-            raise FileNotFoundError("no input: set --dataset_dir (a folder of scans) or --image (one scan).")
+            raise FileNotFoundError(
+                "no input: set --dataset_dir (a folder of scans), --datalist (a JSON list) or --image (one scan)."
+            )
         root = Path(dataset_dir)
         return [{"image": str(p), "name": p.relative_to(root).as_posix()} for p in list_scans(root)]
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         return MissingData(e)
 
 
