@@ -129,7 +129,7 @@ class TestOctTrainingAndInference(TempDirClassMixin, unittest.TestCase):
             rows = list(csv.DictReader(f))
         self.assertEqual([r["image"] for r in rows],
                          ["AMD/AMD_0.png", "AMD/AMD_1.png", "NORMAL/normal_0.png", "NORMAL/normal_1.png"])
-        self.assertEqual(list(rows[0])[:2], ["image", "score"])
+        self.assertEqual(list(rows[0])[:3], ["image", "score", "score_anomaly"])  # score: relative to the autoencoder's
         self.assertTrue(all(np.isfinite(float(r["score"])) for r in rows))
         amap = np.load(os.path.join(out, "AMD", "AMD_0_anomaly.npy"))
         self.assertEqual(amap.shape, (48, 80))  # the input's own pixel grid
@@ -153,7 +153,7 @@ class TestOctTrainingAndInference(TempDirClassMixin, unittest.TestCase):
         os.symlink(os.path.join(self.tmp, "models"), os.path.join(bundle, "models"))
         with contextlib.redirect_stdout(io.StringIO()):
             sweep = oct_sweep(bundle, val, noise_levels=[4], prob_thresholds=[0.5], num_inference_steps=2, sigmas=[0.0])
-        self.assertEqual(len(sweep["best"]), 9)  # every map
+        self.assertEqual(len(sweep["best"]), 10)  # every map, and the anomaly map's score relative to the autoencoder's
         self.assertEqual(sweep["settings"]["n_tuning"], 2)
 
 

@@ -13,11 +13,13 @@ import torch
 from PIL import Image
 
 from berdiff.io.oct import (
+    RELATIVE_SCORE_FLOOR,
     ImageScore,
     OCTOutputWriter,
     image_score,
     oct_preflight,
     output_stem,
+    relative_image_score,
     scan_item,
     scan_items,
     write_scan_maps,
@@ -96,6 +98,21 @@ class TestImageScore(unittest.TestCase):
             image_score(m, "max", 0, None, None, np.ones(39, dtype=bool))
 
 
+    def test_relative_score_divides_by_the_reference_mean(self):
+        rng = np.random.default_rng(0)
+        m, ref = rng.random((20, 40)), 0.5 + rng.random((20, 40))
+        mask = np.ones(40, dtype=bool)
+        mask[30:] = False
+        expected = float(np.percentile(m[10:16, 2:30], 99)) / (float(ref[10:16, 2:30].mean()) + RELATIVE_SCORE_FLOOR)
+        self.assertAlmostEqual(relative_image_score(m, ref, "p99", 0, [0.5, 0.8], [0.05, 0.95], mask), expected)
+        # a noisier scan (the same change, twice the reference) scores half as high
+        self.assertAlmostEqual(relative_image_score(m, 2 * ref, "p99", 0), relative_image_score(m, ref, "p99", 0) / 2,
+                               places=4)
+        self.assertTrue(np.isfinite(relative_image_score(m, np.zeros_like(ref), "max", 0)))  # a zero reference
+        with self.assertRaisesRegex(ValueError, "same shape"):
+            relative_image_score(m, ref[:, :-1])
+
+
 class TestOutputs(TempDirMixin, unittest.TestCase):
     def test_scores_csv(self):
         path = write_scores_csv(
@@ -151,6 +168,19 @@ class TestOutputs(TempDirMixin, unittest.TestCase):
         writer.started()
         writer.iteration_completed(Engine)
         self.assertAlmostEqual(writer.rows[0]["score"], float(Engine.state.output["pred"][0, 0, :, :8].mean()), places=5)
+        # with score_normalization, score is relative to the other map's mean and score_anomaly is the plain score
+        pred = Engine.state.output["pred"]
+        relative = OCTOutputWriter(self.tmp, ["anomaly", "autoencoder"], "mean", 0.0, write_maps=[],
+                                   score_normalization="autoencoder")
+        relative.started()
+        relative.iteration_completed(Engine)
+        row = relative.rows[0]
+        self.assertEqual(list(row)[:3], ["image", "score", "score_anomaly"])
+        self.assertAlmostEqual(row["score_anomaly"], float(pred[0, 0, :, :8].mean()), places=5)
+        self.assertAlmostEqual(row["score"], row["score_anomaly"] / (float(pred[0, 1, :, :8].mean()) + 1e-6), places=3)
+        for bad in ("anomaly", "latent"):
+            with self.assertRaisesRegex(ValueError, "score_normalization"):
+                OCTOutputWriter(self.tmp, ["anomaly", "autoencoder"], score_normalization=bad)
 
 
 class TestInputs(TempDirMixin, unittest.TestCase):

@@ -13,7 +13,8 @@ networks), but their labels are not read here: choose the settings from this swe
 
 Maps: ``anomaly`` (the residual weighted by a latent map, ``latent_weighting``), ``residual`` (the residual
 alone, against ``anomaly_reference``), ``input_residual`` (the paper's map: the residual against the input),
-``autoencoder`` (no diffusion), and the latent maps.
+``autoencoder`` (no diffusion), the latent maps, and ``anomaly_relative``: the ``anomaly`` map's score divided by
+the mean of the ``autoencoder`` map over the same pixels (:func:`berdiff.io.oct.relative_image_score`).
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ from berdiff.data.oct import (
     read_scan,
     rpe_columns,
 )
-from berdiff.io.oct import ImageScore, image_score
+from berdiff.io.oct import ImageScore, image_score, relative_image_score
 from berdiff.utils import atomic_write_json
 
-__all__ = ["SWEEP_MAPS", "load_oct_pipeline", "oct_sweep"]
+__all__ = ["RELATIVE_MAP", "SWEEP_MAPS", "load_oct_pipeline", "oct_sweep"]
 
 #: the pipeline outputs the sweep scores, by the name used in its table
 SWEEP_MAPS: dict[str, str] = {
@@ -54,6 +55,9 @@ SWEEP_MAPS: dict[str, str] = {
     "latent_mask_fraction": "latent_mask_fraction",
     "latent_flip_probability": "latent_flip_probability",
 }
+#: the name, in the sweep's table, of the anomaly map's score divided by the autoencoder map's mean
+#: (:func:`berdiff.io.oct.relative_image_score`, the bundle's default ``score``)
+RELATIVE_MAP = "anomaly_relative"
 
 
 def load_oct_pipeline(bundle_root: str, device: str | torch.device = "cpu", **settings: Any) -> tuple[Any, dict]:
@@ -165,10 +169,21 @@ def oct_sweep(
             res = pipe.run(grids[b : b + batch_size].to(dev))
             for name, key in SWEEP_MAPS.items():
                 outputs[name] += list(res[key][:, 0].float().cpu().numpy())
-        for name, stat, sigma in itertools.product(SWEEP_MAPS, [m.value for m in ImageScore], sigmas):
-            scores = [
-                image_score(outputs[name][k], stat, sigma, score_rows, score_cols, column_masks[k]) for k in tuning
-            ]
+        for name, stat, sigma in itertools.product(
+            list(SWEEP_MAPS) + [RELATIVE_MAP], [m.value for m in ImageScore], sigmas
+        ):
+            if name == RELATIVE_MAP:  # the anomaly map's score relative to the autoencoder's residual (the bundle's)
+                scores = [
+                    relative_image_score(
+                        outputs["anomaly"][k], outputs["autoencoder"][k], stat, sigma, score_rows, score_cols,
+                        column_masks[k],
+                    )
+                    for k in tuning
+                ]
+            else:
+                scores = [
+                    image_score(outputs[name][k], stat, sigma, score_rows, score_cols, column_masks[k]) for k in tuning
+                ]
             rows.append({
                 "noise_level": int(L), "prob_threshold": float(P), "map": name, "statistic": stat,
                 "sigma": float(sigma), "score_rows": None if score_rows is None else list(score_rows),

@@ -45,11 +45,13 @@ from berdiff.utils import atomic_write, atomic_write_bytes
 from berdiff.validation.errors import exit_on_error
 
 __all__ = [
+    "RELATIVE_SCORE_FLOOR",
     "ImageScore",
     "OCTOutputWriter",
     "image_score",
     "oct_preflight",
     "output_stem",
+    "relative_image_score",
     "scan_item",
     "scan_items",
     "write_scan_maps",
@@ -158,6 +160,47 @@ def image_score(
         return float(flat.max())
     k = max(1, int(round(0.01 * flat.size)))
     return float(np.sort(flat)[-k:].mean())
+
+
+#: added to the reference of :func:`relative_image_score` (a squared residual in [0, 1] per pixel), so that a
+#: reference map that is zero (a scan the autoencoder reproduces exactly) gives a large, finite score
+RELATIVE_SCORE_FLOOR = 1e-6
+
+
+def relative_image_score(
+    grid_map: np.ndarray | torch.Tensor,
+    reference_map: np.ndarray | torch.Tensor,
+    statistic: str = ImageScore.P99,
+    sigma: float = 0.0,
+    rows: Sequence[float] | None = None,
+    cols: Sequence[float] | None = None,
+    column_mask: np.ndarray | torch.Tensor | None = None,
+) -> float:
+    """
+    :func:`image_score` of ``grid_map`` divided by the mean of ``reference_map`` over the same pixels (plus
+    :data:`RELATIVE_SCORE_FLOOR`).
+
+    With the autoencoder's residual against the input as the reference (the speckle and fine texture the autoencoder
+    does not reproduce: a measure of how noisy the scan is), the score says how large the change made by the masked
+    denoising is *for this scan's noise level*: a noisy normal scan gets a larger residual everywhere, and without
+    the division it would rank with the scans that have drusen.
+
+    Args:
+        grid_map: ``(H, W)`` (or ``(1, H, W)``) map scored with ``statistic``.
+        reference_map: a map of the same shape; its mean is the divisor.
+        statistic, sigma, rows, cols, column_mask: see :func:`image_score` (both maps are read over the same
+            pixels).
+
+    Raises:
+        ValueError: maps of different shapes, or a bad option (see :func:`image_score`).
+    """
+    shape = tuple(torch.as_tensor(grid_map).squeeze().shape)
+    ref_shape = tuple(torch.as_tensor(reference_map).squeeze().shape)
+    if shape != ref_shape:
+        raise ValueError(f"the map and its reference must have the same shape, got {shape} and {ref_shape}.")
+    score = image_score(grid_map, statistic, sigma, rows, cols, column_mask)
+    reference = image_score(reference_map, ImageScore.MEAN, sigma, rows, cols, column_mask)
+    return float(score / (max(reference, 0.0) + RELATIVE_SCORE_FLOOR))
 
 
 def scan_items(
@@ -407,6 +450,10 @@ class OCTOutputWriter:
         cols: the grid columns scored by :func:`image_score` (None: all).
         png_max: the map value shown white in the PNG files (None: each map's maximum).
         write_maps: the channel names whose maps are written as files (None: all).
+        score_normalization: the name of another channel (e.g. ``autoencoder``, the autoencoder's residual against
+            the input): the column ``score`` is then :func:`relative_image_score` of the first channel against it,
+            and the first channel's own score is written as ``score_<its name>``. None: ``score`` is the first
+            channel's score.
     """
 
     def __init__(
@@ -419,10 +466,17 @@ class OCTOutputWriter:
         write_maps: Sequence[str] | None = None,
         rows: Sequence[float] | None = None,
         cols: Sequence[float] | None = None,
+        score_normalization: str | None = None,
     ) -> None:
         image_score(np.zeros((2, 2)), statistic, sigma, rows, cols)  # validates statistic, sigma, rows and columns
         if not channel_names:
             raise ValueError("channel_names must name at least the anomaly map.")
+        if score_normalization is not None and score_normalization not in list(channel_names)[1:]:
+            raise ValueError(
+                f"score_normalization must be null or the name of one of the other output maps "
+                f"{list(channel_names)[1:]}, got {score_normalization!r}."
+            )
+        self.score_normalization = score_normalization
         self.output_dir = os.fspath(output_dir)
         self.channel_names = list(channel_names)
         self.statistic = statistic
@@ -454,11 +508,16 @@ class OCTOutputWriter:
             geo = ScanGeometry.from_batch(geometry, i)
             mask = None if columns is None else columns[i]
             row: dict[str, Any] = {"image": name}
+            if self.score_normalization is not None:
+                reference = pred[i, self.channel_names.index(self.score_normalization)]
+                row["score"] = relative_image_score(
+                    pred[i, 0], reference, self.statistic, self.sigma, self.score_rows, self.score_cols, mask
+                )
             maps = {}
             for c, key in enumerate(self.channel_names):
                 grid_map = pred[i, c]
                 score = image_score(grid_map, self.statistic, self.sigma, self.score_rows, self.score_cols, mask)
-                row["score" if c == 0 else f"score_{key}"] = score
+                row["score" if c == 0 and self.score_normalization is None else f"score_{key}"] = score
                 if self.write_maps is None or key in self.write_maps:
                     maps[key] = restore_to_input(grid_map, geo)
             write_scan_maps(self.output_dir, name, maps, self.png_max)
