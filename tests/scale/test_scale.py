@@ -13,6 +13,8 @@ import unittest
 import nibabel as nib
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 from monai.data import MetaTensor
 from monai.inferers import SliceInferer
@@ -25,6 +27,7 @@ from berdiff.scale import (
     HeadSliceInferer,
     WriteQueue,
     background_writer,
+    destroy_distributed,
     merge_run_summaries,
     outputs_complete,
     plan_cases,
@@ -232,6 +235,35 @@ class TestMergeSummaries(unittest.TestCase):
         self.assertEqual(merged["num_processes"], 2)
         with self.assertRaisesRegex(ValueError, "no run summaries"):
             merge_run_summaries([])
+
+
+def _destroy_worker(rank: int, store_file: str, folder: str) -> None:
+    dist.init_process_group("gloo", store=dist.FileStore(store_file, 2), rank=rank, world_size=2)
+    if rank == 1:
+        time.sleep(1.0)  # the slow rank: still working when rank 0 reaches the teardown
+    entered = time.time()
+    destroyed = destroy_distributed()
+    with open(os.path.join(folder, f"rank{rank}.txt"), "w") as f:
+        f.write(f"{entered} {time.time()} {destroyed} {dist.is_initialized()} {destroy_distributed()}")
+
+
+class TestDestroyDistributed(unittest.TestCase):
+    def test_no_group(self):
+        self.assertFalse(dist.is_initialized())
+        self.assertFalse(destroy_distributed())
+
+    def test_waits_for_every_rank(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(_destroy_worker, args=(os.path.join(tmp, "store"), tmp), nprocs=2, join=True)
+            rows = []
+            for rank in range(2):
+                with open(os.path.join(tmp, f"rank{rank}.txt")) as f:
+                    entered, left, destroyed, still, again = f.read().split()
+                rows.append((float(entered), float(left)))
+                self.assertEqual((destroyed, still, again), ("True", "False", "False"))
+        # rank 0 came first but left only after the slow rank 1 had reached the teardown too
+        self.assertGreaterEqual(rows[0][1], rows[1][0])
+        self.assertGreater(rows[1][0] - rows[0][0], 0.5)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from berdiff.scale.distributed import (
     summary_filename,
     merge_run_summaries,
     finish_distributed,
+    destroy_distributed,
 )
 from berdiff.scale.evaluator import CaseEvaluator
 from berdiff.scale.inferer import (
@@ -49,4 +50,5 @@ __all__ = [
     "summary_filename",
     "merge_run_summaries",
     "finish_distributed",
+    "destroy_distributed",
 ]

@@ -21,6 +21,7 @@ __all__ = [
     "summary_filename",
     "merge_run_summaries",
     "finish_distributed",
+    "destroy_distributed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -181,3 +182,20 @@ def finish_distributed(output_dir: str, filename: str = "run_summary.json", orde
         logger.info(f"run summary of {world} processes merged: {path}")
     _barrier()
     return path
+
+
+def destroy_distributed() -> bool:
+    """
+    Tears the default process group down, if one is initialised, after a barrier: every rank reaches the barrier
+    before any of them destroys its group, so no rank closes its connections while a peer still has gloo or NCCL
+    work in flight (a gloo rank that lost its peers mid-teardown could abort at exit, failing a finished run).
+
+    Returns:
+        True when a group was destroyed, False when there was none.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    if dist.get_world_size() > 1:
+        _barrier()
+    dist.destroy_process_group()
+    return True
