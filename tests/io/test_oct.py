@@ -35,9 +35,10 @@ class TestImageScore(unittest.TestCase):
         m = rng.random((20, 30))
         self.assertAlmostEqual(image_score(m, "mean", 0), float(m.mean()))
         self.assertAlmostEqual(image_score(m, "p99", 0), float(np.percentile(m, 99)))
+        self.assertAlmostEqual(image_score(m, "p95", 0), float(np.percentile(m, 95)))
         self.assertAlmostEqual(image_score(m, "max", 0), float(m.max()))
         self.assertAlmostEqual(image_score(m, "top1", 0), float(np.sort(m.ravel())[-6:].mean()))
-        self.assertEqual(sorted(m.value for m in ImageScore), ["max", "mean", "p99", "top1"])
+        self.assertEqual(sorted(m.value for m in ImageScore), ["max", "mean", "p95", "p99", "top1"])
 
     def test_smoothing_favours_a_blob_over_scattered_pixels(self):
         rng = np.random.default_rng(1)
@@ -46,6 +47,14 @@ class TestImageScore(unittest.TestCase):
         blob = np.zeros((40, 40))
         blob[18:23, 18:23] = 1.0
         self.assertGreater(image_score(blob, "max", 2.0), image_score(scattered, "max", 2.0))
+
+    def test_p95_ranks_an_extended_change_above_a_focal_spot(self):
+        focal, extended = np.zeros((40, 50)), np.zeros((40, 50))
+        focal[10:16, 10:20] = 1.0  # 3 % of the pixels, strong (a foveal reflex, a vessel shadow)
+        extended[30:34, :] = 0.5  # 10 % of the pixels, weaker (a row of drusen)
+        self.assertGreater(image_score(focal, "p99", 0), image_score(extended, "p99", 0))
+        self.assertEqual(image_score(focal, "p95", 0), 0.0)
+        self.assertAlmostEqual(image_score(extended, "p95", 0), 0.5)
 
     def test_bad_options(self):
         with self.assertRaisesRegex(ValueError, "image score must be one of .*'median'"):

@@ -65,13 +65,16 @@ class ImageScore(StrEnum):
     averages the speckle-level residual.
 
     mean: the mean of the map (diffuse change).
-    p99: the 99th percentile (a few percent of the scan abnormal, e.g. a row of drusen).
+    p99: the 99th percentile (1 % of the scored pixels abnormal, e.g. a single druse).
+    p95: the 95th percentile (5 % of the scored pixels abnormal, e.g. a row of drusen): a focal change smaller than
+        that, such as a normal scan's foveal reflex or a vessel shadow, does not raise it.
     max: the maximum (a single focal change).
     top1: the mean of the highest 1 % of the values (between ``p99`` and ``max``, less noisy than ``max``).
     """
 
     MEAN = "mean"
     P99 = "p99"
+    P95 = "p95"
     MAX = "max"
     TOP1 = "top1"
 
@@ -156,6 +159,8 @@ def image_score(
         return float(flat.mean())
     if statistic == ImageScore.P99:
         return float(np.percentile(flat, 99))
+    if statistic == ImageScore.P95:
+        return float(np.percentile(flat, 95))
     if statistic == ImageScore.MAX:
         return float(flat.max())
     k = max(1, int(round(0.01 * flat.size)))
