@@ -156,6 +156,17 @@ class TestOctTrainingAndInference(TempDirClassMixin, unittest.TestCase):
         self.assertEqual(len(sweep["best"]), 10)  # every map, and the anomaly map's score relative to the autoencoder's
         self.assertEqual(sweep["settings"]["n_tuning"], 2)
 
+        # cross-fitting: the held-out training scans of a fold file join the tuning split as normal scans
+        from berdiff.apps.oct_folds import oct_folds
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            folds = oct_folds(os.path.join(self.tmp, "data", "train", "NORMAL"), os.path.join(self.tmp, "folds"))
+            sweep = oct_sweep(bundle, val, noise_levels=[4], prob_thresholds=[0.5], num_inference_steps=2,
+                              sigmas=[0.0], extra_normals=folds[0], out=os.path.join(self.tmp, "sweep.json"))
+        self.assertEqual((sweep["settings"]["n_tuning"], sweep["settings"]["n_extra_normals"]), (5, 3))
+        row = sweep["best"]["anomaly_relative"]
+        self.assertTrue(0.0 <= row["tuning_auroc"] <= 1.0 and 0.0 <= row["validation_tuning_auroc"] <= 1.0)
+
 
 if __name__ == "__main__":
     unittest.main()

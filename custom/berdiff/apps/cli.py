@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "speed": "berdiff.apps.speed:speed",
     "oct_validation": "berdiff.apps.oct_validation:oct_validation",
     "oct_sweep": "berdiff.apps.oct_sweep:oct_sweep",
+    "oct_folds": "berdiff.apps.oct_folds:oct_folds",
     "demo_oct": "berdiff.apps.demo_oct:demo_oct",
     "build_bundle": "berdiff.apps.release:build_bundle",
     "build_bundles": "berdiff.apps.release:build_bundles",

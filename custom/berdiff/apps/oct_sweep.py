@@ -11,6 +11,10 @@ split only (:func:`berdiff.apps.oct_validation.validation_items`). The untouched
 networks), but their labels are not read here: choose the settings from this sweep's table, then measure them with
 ``configs/inference.yaml`` and ``python -m berdiff oct_validation``.
 
+``extra_normals`` adds normal scans to the tuning set: with cross-fitting (:mod:`berdiff.apps.oct_folds`), the
+training scans held out of the model's training (``--bundle_root`` trained with ``--train_dir FOLDS/fold<f>.json``,
+swept with ``--extra_normals FOLDS/fold<f>.json``), which makes the tuning set's normal side several times larger.
+
 Maps: ``anomaly`` (the residual weighted by a latent map, ``latent_weighting``), ``residual`` (the residual
 alone, against ``anomaly_reference``), ``input_residual`` (the paper's map: the residual against the input),
 ``autoencoder`` (no diffusion), the latent maps, and ``anomaly_relative``: the ``anomaly`` map's score divided by
@@ -29,6 +33,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from berdiff.apps.oct_folds import HELD_OUT_KEY
 from berdiff.apps.oct_validation import validation_items
 from berdiff.data.oct import (
     DEFAULT_ALIGNMENT,
@@ -41,7 +46,7 @@ from berdiff.data.oct import (
 from berdiff.io.oct import ImageScore, image_score, relative_image_score
 from berdiff.utils import atomic_write_json
 
-__all__ = ["RELATIVE_MAP", "SWEEP_MAPS", "load_oct_pipeline", "oct_sweep"]
+__all__ = ["EXTRA_SPLIT", "RELATIVE_MAP", "SWEEP_MAPS", "load_oct_pipeline", "oct_sweep"]
 
 #: the pipeline outputs the sweep scores, by the name used in its table
 SWEEP_MAPS: dict[str, str] = {
@@ -58,6 +63,28 @@ SWEEP_MAPS: dict[str, str] = {
 #: the name, in the sweep's table, of the anomaly map's score divided by the autoencoder map's mean
 #: (:func:`berdiff.io.oct.relative_image_score`, the bundle's default ``score``)
 RELATIVE_MAP = "anomaly_relative"
+#: the split of the ``extra_normals`` scans, scored with the tuning split
+EXTRA_SPLIT = "extra_normal"
+
+
+def _extra_normal_items(source: str, key: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``extra_normals`` scans as normal tuning items (see :func:`oct_sweep`)."""
+    from berdiff.training import training_datalist
+
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"extra_normals not found: {source!r} (a folder of normal scans or a datalist JSON).")
+    listed = training_datalist(source, key, defer_missing=False)
+    if not listed:
+        raise ValueError(f"extra_normals {source!r} lists no scans (datalist section {key!r}).")
+    seen = {os.path.realpath(i["image"]) for i in items}
+    extra = []
+    for entry in listed:
+        path = os.fspath(entry["image"])
+        if os.path.realpath(path) in seen:
+            raise ValueError(f"extra_normals {source!r}: {path} is also a validation scan.")
+        seen.add(os.path.realpath(path))
+        extra.append({"image": path, "class": "extra_normal", "label": 0, "name": path, "split": EXTRA_SPLIT})
+    return extra
 
 
 def load_oct_pipeline(bundle_root: str, device: str | torch.device = "cpu", **settings: Any) -> tuple[Any, dict]:
@@ -110,6 +137,8 @@ def oct_sweep(
     score_cols: Sequence[float] | None = (0.05, 0.95),
     num_samples: int = 1,
     score_rpe_columns: bool = True,
+    extra_normals: str | None = None,
+    extra_normals_key: str = HELD_OUT_KEY,
 ) -> dict[str, Any]:
     """
     Tuning-split AUROC of every (L, P, map, statistic, sigma) (module docstring).
@@ -136,14 +165,24 @@ def oct_sweep(
         num_samples: draws averaged into every map (:class:`~berdiff.networks.AnomalyPipeline`).
         score_rpe_columns: score only the grid columns whose band holds the scan's RPE
             (:func:`berdiff.data.oct.rpe_columns`), as the bundle's inference does by default.
+        extra_normals: more normal scans for the tuning set, scans the model was not trained on: a folder of scans
+            or a datalist JSON (e.g. a fold file of :func:`berdiff.apps.oct_folds.oct_folds`); None: none.
+        extra_normals_key: the datalist section read from an ``extra_normals`` JSON.
 
     Returns:
         ``{"best": {map: row}, "settings": ...}`` (the best row of each map; every row is in ``out``); a row holds
-        L, P, map, statistic, sigma, tuning_auroc.
+        L, P, map, statistic, sigma, tuning_auroc (over the tuning split and the ``extra_normals``) and, with
+        ``extra_normals``, validation_tuning_auroc (the tuning split alone).
+
+    Raises:
+        FileNotFoundError: a missing validation folder, or missing ``extra_normals``.
+        ValueError: an unreadable or empty ``extra_normals`` list, or one that repeats a validation scan.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     items = validation_items(val_dir)
-    tuning = [k for k, i in enumerate(items) if i["split"] == "tuning"]
+    if extra_normals is not None:
+        items += _extra_normal_items(extra_normals, extra_normals_key, items)
+    tuning = [k for k, i in enumerate(items) if i["split"] in ("tuning", EXTRA_SPLIT)]
     labels = [items[k]["label"] for k in tuning]
     from berdiff.networks import AnomalyPipeline
 
@@ -190,6 +229,11 @@ def oct_sweep(
                 "score_cols": None if score_cols is None else list(score_cols),
                 "tuning_auroc": float(roc_auc_score(labels, scores)),
             })
+            if extra_normals is not None:  # the validation set's tuning split alone, for comparison
+                own = [j for j, k in enumerate(tuning) if items[k]["split"] == "tuning"]
+                rows[-1]["validation_tuning_auroc"] = float(
+                    roc_auc_score([labels[j] for j in own], [scores[j] for j in own])
+                )
         print(f"L={L} P={P}: {time.time() - start:.1f} s", flush=True)
     best: dict[str, Any] = {}
     for row in rows:
@@ -201,7 +245,8 @@ def oct_sweep(
     settings = {"num_inference_steps": num_inference_steps, "seed": seed, "latent_weighting": latent_weighting,
                 "anomaly_reference": anomaly_reference, "num_samples": int(num_samples),
                 "score_rpe_columns": bool(score_rpe_columns),
-                "n_tuning": len(tuning)}
+                "n_tuning": len(tuning), "n_extra_normals": sum(i["split"] == EXTRA_SPLIT for i in items),
+                "extra_normals": None if extra_normals is None else os.fspath(extra_normals)}
     if out:
         atomic_write_json({"rows": rows, "best": best, "settings": settings}, out)
     return {"best": best, "settings": settings}
