@@ -184,6 +184,7 @@ def oct_sweep(
         items += _extra_normal_items(extra_normals, extra_normals_key, items)
     tuning = [k for k, i in enumerate(items) if i["split"] in ("tuning", EXTRA_SPLIT)]
     labels = [items[k]["label"] for k in tuning]
+    own = [j for j, k in enumerate(tuning) if items[k]["split"] == "tuning"]  # the validation tuning split's places
     from berdiff.networks import AnomalyPipeline
 
     trained, desc = load_oct_pipeline(bundle_root, dev)
@@ -230,7 +231,6 @@ def oct_sweep(
                 "tuning_auroc": float(roc_auc_score(labels, scores)),
             })
             if extra_normals is not None:  # the validation set's tuning split alone, for comparison
-                own = [j for j, k in enumerate(tuning) if items[k]["split"] == "tuning"]
                 rows[-1]["validation_tuning_auroc"] = float(
                     roc_auc_score([labels[j] for j in own], [scores[j] for j in own])
                 )
